@@ -1,0 +1,5 @@
+import sys
+
+from angelmed.cli import main
+
+sys.exit(main())
