@@ -1,0 +1,434 @@
+"""BailingMoeV2 (Ling-flash-2.0 / AntAngelMed) in plain, single-device PyTorch.
+
+Readable in one sitting; numerics follow the official HF reference (spec model.md), which the golden
+fixtures pin. Parallelism (FSDP2) is applied from train/loop.py, quantization from infer/quant.py.
+
+Dtype policy: activations and weights in the configured dtype; RMSNorm statistics in fp32 (cast back
+before the weight multiply); router matmul, sigmoid, expert_bias and routing weights in fp32; the
+weighted sum of expert outputs in fp32; logits returned in fp32.
+
+Shape suffixes: B batch, T new tokens, S cached positions, D hidden, H heads, K kv heads, d head dim,
+E experts, k experts per token, I intermediate, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from angelmed.config import ModelConfig
+
+
+# ---- norms, rotary -----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_parameters(cfg: ModelConfig) -> tuple[Tensor, float]:
+    """inv_freq over the rotary dim r (not head_dim), and the YaRN attention scaling (spec §3, §3.1)."""
+    r, theta = cfg.rotary_dim, cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
+    rs = cfg.rope_scaling
+    if not rs or rs.get("type", rs.get("rope_type")) in (None, "default"):
+        return inv_freq, 1.0
+    s = float(rs["factor"])
+    L0 = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(n_rot: float) -> float:
+        return (r * math.log(L0 / (n_rot * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, r - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(r // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = (inv_freq / s) * ramp + inv_freq * (1 - ramp)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rs.get("attention_factor") is not None:
+        attn = float(rs["attention_factor"])
+    elif rs.get("mscale") and rs.get("mscale_all_dim"):
+        attn = mscale(s, rs["mscale"]) / mscale(s, rs["mscale_all_dim"])
+    else:
+        attn = mscale(s)
+    return inv_freq, attn
+
+
+def rope_cos_sin(inv_freq: Tensor, scaling: float, pos_BT: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    freqs_BTf = pos_BT[..., None].float() * inv_freq.float()
+    emb = torch.cat([freqs_BTf, freqs_BTf], dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def apply_rope(x_BHTd: Tensor, cos_BTr: Tensor, sin_BTr: Tensor) -> Tensor:
+    """Half-split (NeoX) rotation of the first r channels; the rest pass through."""
+    r = cos_BTr.shape[-1]
+    rot, keep = x_BHTd[..., :r], x_BHTd[..., r:]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+    cos, sin = cos_BTr[:, None], sin_BTr[:, None]
+    rotated = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([rotated, keep], dim=-1)
+
+
+# ---- attention ---------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated per-layer cache; keys stored after QK-norm and RoPE. Rows write at their own positions."""
+
+    def __init__(self, batch: int, max_len: int, n_kv: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos_BT: Tensor, k_BKTd: Tensor, v_BKTd: Tensor) -> tuple[Tensor, Tensor]:
+        idx = pos_BT[:, None, :, None].expand_as(k_BKTd)
+        self.k.scatter_(2, idx, k_BKTd)
+        self.v.scatter_(2, idx, v_BKTd)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_q, self.n_kv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        D = cfg.hidden_size
+        self.query_key_value = nn.Linear(D, (self.n_q + 2 * self.n_kv) * self.d, bias=cfg.use_qkv_bias or cfg.use_bias)
+        self.dense = nn.Linear(self.n_q * self.d, D, bias=cfg.use_bias)
+        self.use_qk_norm = cfg.use_qk_norm
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.d, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(self.d, cfg.rms_norm_eps)
+
+    def forward(self, x_BTD: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                pos_BT: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        qkv = self.query_key_value(x_BTD).view(B, T, self.n_q + 2 * self.n_kv, self.d)
+        q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=2)  # [Q | K | V] row layout
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(pos_BT, k, v)
+        # kv head j serves q heads j*g .. (j+1)*g-1, as repeat_kv does
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.dense(out.transpose(1, 2).reshape(B, T, self.n_q * self.d))
+
+
+# ---- feed-forward ------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid scores, bias for selection only, group-limited top-k, renormalise, routed scaling."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.E, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.num_groups, cfg.topk_group or 1
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.E, cfg.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(self.E, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # expert_bias stays fp32 whatever the module is cast to (spec §4.1): only device moves apply.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        device = self.expert_bias.device
+        if bias.is_meta and device.type != "meta":
+            self.expert_bias = torch.zeros(self.E, dtype=torch.float32, device=device)
+        else:
+            self.expert_bias = bias.to(device=device, dtype=torch.float32)
+        return self
+
+    def forward(self, x_TD: Tensor, forced_idx_Tk: Tensor | None = None):
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid()
+        if forced_idx_Tk is None:
+            forced_idx_Tk = self.select(scores_TE)
+        w_Tk = scores_TE.gather(1, forced_idx_Tk)
+        if self.top_k > 1:
+            w_Tk = w_Tk / (w_Tk.sum(-1, keepdim=True) + 1e-20)
+        return w_Tk * self.scale, forced_idx_Tk, logits_TE, scores_TE
+
+    @torch.no_grad()
+    def select(self, scores_TE: Tensor) -> Tensor:
+        biased_TE = scores_TE + self.expert_bias
+        if self.n_group > 1:
+            T = biased_TE.shape[0]
+            grouped = biased_TE.view(T, self.n_group, -1)
+            group_scores_TG = grouped.topk(2, dim=-1).values.sum(-1)
+            keep_TG = group_scores_TG.topk(self.topk_group, dim=-1).indices
+            mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
+            biased_TE = grouped.masked_fill(~mask_TG[..., None], float("-inf")).view(T, -1)
+        return biased_TE.topk(self.top_k, dim=-1).indices
+
+
+class Experts(nn.Module):
+    """All routed experts as stacked weights [E, ...] (grouped GEMM friendly, shardable along E).
+
+    Checkpoints name them per expert (`experts.{e}.gate_proj.weight`); checkpoint.py maps the names.
+    """
+
+    def __init__(self, E: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(E, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(E, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(E, dim, hidden))
+
+    def forward(self, x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor) -> Tensor:
+        T, k = idx_Tk.shape
+        E = self.gate_proj.shape[0]
+        if T * k < E:  # decode: gather the few active experts per token; no host sync
+            return self._gathered(x_TD, idx_Tk, w_Tk)
+        return self._grouped(x_TD, idx_Tk, w_Tk)
+
+    def _gathered(self, x_TD, idx_Tk, w_Tk):
+        g, u, d = self.gate_proj[idx_Tk], self.up_proj[idx_Tk], self.down_proj[idx_Tk]  # [T,k,I,D] / [T,k,D,I]
+        h = F.silu(torch.einsum("tkid,td->tki", g, x_TD)) * torch.einsum("tkid,td->tki", u, x_TD)
+        y_TkD = torch.einsum("tkdi,tki->tkd", d, h)
+        return (y_TkD.float() * w_Tk[..., None]).sum(1)
+
+    def _grouped(self, x_TD, idx_Tk, w_Tk):
+        T, k = idx_Tk.shape
+        E = self.gate_proj.shape[0]
+        flat = idx_Tk.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts_E = torch.bincount(flat, minlength=E)
+        x_sorted = x_TD[token]
+        if _use_grouped_mm(x_sorted):
+            offs = counts_E.cumsum(0).to(torch.int32)
+            h = F.silu(torch._grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), offs=offs))
+            h = h * torch._grouped_mm(x_sorted, self.up_proj.transpose(1, 2), offs=offs)
+            y_sorted = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
+        else:
+            y_sorted = torch.empty_like(x_sorted)
+            start = 0
+            for e, n in enumerate(counts_E.tolist()):  # host sync: fine on CPU and in prefill/training
+                if n:
+                    xs = x_sorted[start:start + n]
+                    h = F.silu(xs @ self.gate_proj[e].T) * (xs @ self.up_proj[e].T)
+                    y_sorted[start:start + n] = h @ self.down_proj[e].T
+                    start += n
+        y_weighted = y_sorted.float() * w_Tk.reshape(-1)[order, None]
+        return torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device).index_add_(0, token, y_weighted)
+
+
+def _use_grouped_mm(x: Tensor) -> bool:
+    # torch._grouped_mm needs 16-byte aligned strides; on CUDA it wants bf16. Fall back otherwise.
+    if not hasattr(torch, "_grouped_mm") or x.shape[-1] * x.element_size() % 16:
+        return False
+    return x.dtype == torch.bfloat16 if x.is_cuda else x.dtype == torch.float32
+
+
+@dataclass
+class RouterInfo:
+    """What one MoE layer decided: for balancing (counts), analysis, routing replay and aux losses."""
+    idx_Tk: Tensor
+    counts_E: Tensor
+    logits_TE: Tensor
+    scores_TE: Tensor
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+                               if cfg.num_shared_experts else None)
+
+    def forward(self, x_BTD: Tensor, forced_idx: Tensor | None = None) -> tuple[Tensor, RouterInfo]:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, D)
+        forced = None if forced_idx is None else forced_idx.reshape(-1, forced_idx.shape[-1])
+        w_Tk, idx_Tk, logits_TE, scores_TE = self.gate(x_TD, forced)
+        y_TD = self.experts(x_TD, idx_Tk, w_Tk).to(x_BTD.dtype)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        counts_E = torch.bincount(idx_Tk.reshape(-1), minlength=self.gate.E).detach()
+        return y_TD.view(B, T, D), RouterInfo(idx_Tk.view(B, T, -1), counts_E, logits_TE, scores_TE)
+
+
+# ---- blocks ------------------------------------------------------------------------------------
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
+
+    def forward(self, h_BTD, rope, mask, pos_BT=None, cache=None, forced_idx=None):
+        h_BTD = h_BTD + self.attention(self.input_layernorm(h_BTD), rope, mask, pos_BT, cache)
+        x = self.post_attention_layernorm(h_BTD)
+        if isinstance(self.mlp, MoE):
+            y, info = self.mlp(x, forced_idx)
+            return h_BTD + y, info
+        return h_BTD + self.mlp(x), None
+
+
+class MTPLayer(DecoderLayer):
+    """Predicts token t+k+1 from the hidden state at t and the embedding of token t+k. FFN is always MoE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, moe=True)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, emb_BTD, h_prev_BTD, rope, mask, pos_BT=None, cache=None, forced_idx=None):
+        u = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
+        u, info = super().forward(u, rope, mask, pos_BT, cache, forced_idx)
+        return self.final_layernorm(u), info
+
+
+class Backbone(nn.Module):
+    """Named `model` inside Transformer so state-dict names are the official ones."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        L = cfg.num_hidden_layers
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, moe=i >= cfg.first_k_dense_replace) for i in range(L)]
+            + [MTPLayer(cfg) for _ in range(cfg.num_nextn_predict_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor | None  # [B,T,V] fp32
+    hidden: Tensor  # [B,T,D] final-normed (lm_head input)
+    mtp_logits: list[Tensor] = field(default_factory=list)  # per depth [B,T,V] fp32
+    mtp_hidden: list[Tensor] = field(default_factory=list)
+    router: list[RouterInfo] = field(default_factory=list)  # main MoE layers, then MTP layers
+
+    @property
+    def routing(self) -> list[Tensor]:
+        return [r.idx_Tk for r in self.router]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        inv_freq, self.rope_scaling = rope_parameters(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def init_weights(self, seed: int | None = None) -> "Transformer":
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight") or "layernorm" in name:
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        for m in self.modules():
+            if isinstance(m, Router):
+                m.expert_bias.zero_()
+        self.inv_freq = rope_parameters(self.config)[0].to(self.inv_freq.device)
+        return self
+
+    def logits_from_hidden(self, h_BTD: Tensor) -> Tensor:
+        w = self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h_BTD, w).float()
+
+    def causal_mask(self, pos_BT: Tensor, segment_BT: Tensor | None, S: int | None) -> Tensor | None:
+        """Boolean [B,1,T,S] mask (True = attend); None means plain causal over T (fast path)."""
+        if S is None and segment_BT is None:
+            return None
+        if S is None:  # packed sequences: causal within each segment
+            same = segment_BT[:, :, None] == segment_BT[:, None, :]
+            causal = torch.ones(pos_BT.shape[1], pos_BT.shape[1], dtype=torch.bool, device=pos_BT.device).tril()
+            return (same & causal)[:, None]
+        return (torch.arange(S, device=pos_BT.device)[None, None, :] <= pos_BT[:, :, None])[:, None]
+
+    def forward(self, ids_BT: Tensor, pos_BT: Tensor | None = None, segment_BT: Tensor | None = None,
+                caches: list[KVCache] | None = None, mtp: bool = False, compute_logits: bool = True,
+                forced_routing: list[Tensor] | None = None) -> ModelOutput:
+        """One forward pass.
+
+        pos_BT: positions (default 0..T-1); segment_BT: packed-document ids (attention stays inside);
+        caches: one KVCache per layer (main layers first, then MTP) for incremental decoding;
+        mtp: also run the MTP layers (MTP-k sees ids rolled left k times, tail filled with id 0);
+        forced_routing: expert ids per MoE layer [B,T,k] (routing replay), in `ModelOutput.router` order.
+        """
+        B, T = ids_BT.shape
+        if pos_BT is None:
+            pos_BT = torch.arange(T, device=ids_BT.device).expand(B, T)
+        emb = self.model.word_embeddings(ids_BT)
+        rope = rope_cos_sin(self.inv_freq, self.rope_scaling, pos_BT, emb.dtype)
+        mask = self.causal_mask(pos_BT, segment_BT, None if caches is None else caches[0].k.shape[2])
+        forced = iter(forced_routing) if forced_routing is not None else None
+        router: list[RouterInfo] = []
+        h = emb
+        for i in range(self.num_layers):
+            layer = self.model.layers[i]
+            fi = next(forced) if forced is not None and isinstance(layer.mlp, MoE) else None
+            h, info = layer(h, rope, mask, pos_BT, None if caches is None else caches[i], fi)
+            if info is not None:
+                router.append(info)
+        h = self.model.norm(h)
+        out = ModelOutput(logits=self.logits_from_hidden(h) if compute_logits else None, hidden=h, router=router)
+        if mtp:
+            ids_k, h_prev = ids_BT, h
+            for depth in range(self.config.num_nextn_predict_layers):
+                ids_k = torch.cat([ids_k[:, 1:], torch.zeros_like(ids_k[:, :1])], dim=1)
+                fi = next(forced) if forced is not None else None
+                cache = None if caches is None else caches[self.num_layers + depth]
+                h_prev, info = self.mtp_step(depth, ids_k, h_prev, rope, mask, pos_BT, cache, fi)
+                router.append(info)
+                out.mtp_hidden.append(h_prev)
+                if compute_logits:
+                    out.mtp_logits.append(self.logits_from_hidden(h_prev))
+        return out
+
+    def mtp_step(self, depth: int, ids_BT: Tensor, h_prev_BTD: Tensor, rope, mask, pos_BT=None, cache=None,
+                 forced_idx=None) -> tuple[Tensor, RouterInfo]:
+        layer = self.model.layers[self.num_layers + depth]
+        return layer(self.model.word_embeddings(ids_BT), h_prev_BTD, rope, mask, pos_BT, cache, forced_idx)
+
+    def make_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None,
+                    mtp: bool = False) -> list[KVCache]:
+        cfg = self.config
+        n = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
+        dtype = dtype or self.model.word_embeddings.weight.dtype
+        device = device or self.model.word_embeddings.weight.device
+        return [KVCache(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, device) for _ in range(n)]
