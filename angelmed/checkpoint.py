@@ -309,8 +309,13 @@ def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, shards: int | 
         save_file(sd, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
         return
     total = sum(t.numel() * t.element_size() for t in sd.values())
-    split = split_torch_state_dict_into_shards(
-        sd, filename_pattern="model{suffix}.safetensors", max_shard_size=max(1, math.ceil(total / shards)))
+    max_size = math.ceil(total / shards)
+    while True:  # greedy packing can overshoot the shard count at exactly total/shards; loosen until it fits
+        split = split_torch_state_dict_into_shards(
+            sd, filename_pattern="model{suffix}.safetensors", max_shard_size=max_size)
+        if len(split.filename_to_tensors) <= shards:
+            break
+        max_size = math.ceil(max_size * 1.05)
     for fname, names in split.filename_to_tensors.items():
         save_file({n: sd[n] for n in names}, str(out_dir / fname), metadata={"format": "pt"})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
