@@ -325,3 +325,13 @@ def test_resident_load_rejects_unquantized_and_incomplete_checkpoints(tiny, tmp_
     save_file(sd, str(tmp_path / "fp8" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing tensors \(1\).*experts\.5\.up_proj\.weight_scale_inv"):
         load_fp8_resident(tmp_path / "fp8")
+
+
+def test_fp8_table_decode_equals_torch_conversion_for_all_codes():
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8).view(16, 16)
+    got, want = quant.fp8_to_float32(codes), codes.float()
+    assert torch.equal(got.isnan(), want.isnan())  # 0x7F / 0xFF
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+    # hand-decoded (fixture README): subnormal m/8 * 2^-6, normal 2^(e-7) * (1 + m/8)
+    flat = got.view(-1)
+    assert [float(flat[c]) for c in (0x01, 0x08, 0x38, 0x7E, 0xB8)] == [2.0 ** -9, 2.0 ** -6, 1.0, 448.0, -1.0]

@@ -50,15 +50,32 @@ def _blocks(n: int) -> int:
     return math.ceil(n / FP8_BLOCK)
 
 
+# All 256 e4m3 codes decoded by torch: on CPU a table lookup is ~5x faster than the dtype conversion.
+_E4M3_TABLE = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+
+
+def fp8_to_float32(q: Tensor) -> Tensor:
+    if q.device.type != "cpu":
+        return q.float()
+    codes = q.contiguous().view(torch.uint8).reshape(-1).int()
+    return _E4M3_TABLE.index_select(0, codes).view(q.shape)
+
+
 def dequantize_blocks(q: Tensor, scale_inv: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """float32(q[..., R, C]) * scale_inv[..., ceil(R/128), ceil(C/128)] broadcast per block, then cast.
 
-    Any leading dims (stacked or gathered experts). The multiply is in fp32, as the spec's dequantisation.
+    Any leading dims (stacked or gathered experts). The multiply is in fp32, as the spec's dequantisation
+    (bitwise equal to checkpoint.dequantize_fp8_block), done in place on 128-row bands.
     """
     R, C = q.shape[-2:]
-    s = scale_inv.float().repeat_interleave(FP8_BLOCK, -2)[..., :R, :]
-    s = s.repeat_interleave(FP8_BLOCK, -1)[..., :C]
-    return (q.float() * s).to(dtype)
+    w = fp8_to_float32(q)
+    s_cols = scale_inv.float().repeat_interleave(FP8_BLOCK, -1)[..., :C]  # [..., ceil(R/128), C]
+    full = R // FP8_BLOCK * FP8_BLOCK
+    if full:
+        w[..., :full, :].unflatten(-2, (R // FP8_BLOCK, FP8_BLOCK)).mul_(s_cols[..., :R // FP8_BLOCK, None, :])
+    if full < R:  # partial last block row
+        w[..., full:, :].mul_(s_cols[..., -1:, :])
+    return w.to(dtype)
 
 
 class _KeepsFP8(nn.Module):
@@ -401,5 +418,5 @@ def resident_weight_bytes(model: nn.Module) -> dict[str, int]:
             "fp8_as_bf16": 2 * fp8_numel}
 
 
-__all__ = ["MODES", "FP8Linear", "FP8Experts", "dequantize_blocks", "quantize_model_", "dequantize_model_",
+__all__ = ["MODES", "FP8Linear", "FP8Experts", "dequantize_blocks", "fp8_to_float32", "quantize_model_", "dequantize_model_",
            "load_fp8", "load_fp8_resident", "resident_weight_bytes", "quantize_activations_1x128"]
