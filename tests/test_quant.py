@@ -5,6 +5,7 @@ spec's dequantisation formula, and from checkpoint.py's converter-following FP8 
 """
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from angelmed.infer.quant import (FP8Experts, FP8Linear, dequantize_model_, load
 from angelmed.model import Experts, Transformer
 
 FP8 = torch.float8_e4m3fn
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"  # as tests/conftest.py
 LOGITS_ATOL = 2e-4  # fixture README
 MTP_ATOL = 1e-4
 N_QUANTIZED = 92  # fixture README: quantised tensors in small_fp8
@@ -33,7 +35,6 @@ FP8_REL_ERR_BAND = (0.020, 0.032)
 
 @pytest.fixture(scope="module")
 def fp8_dir():
-    from tests.conftest import FIXTURES
     d = FIXTURES / "small_fp8"
     if not d.is_dir():
         pytest.skip(f"fixture not found at {d}")
