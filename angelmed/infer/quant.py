@@ -157,6 +157,8 @@ class FP8Linear(_KeepsFP8):
 def _can_scaled_mm(x: Tensor, n: int, k: int) -> bool:
     if FP8_MATMUL == "dequant" or _scaled_mm_broken or not x.is_cuda or not hasattr(F, "scaled_mm"):
         return False
+    if x.dtype not in (torch.bfloat16, torch.float16):  # fp32 activations ask for reference numerics
+        return False
     # cuBLAS block scaling (1x128 activations x 128x128 weights) exists on Hopper; keep shapes block-aligned.
     return torch.cuda.get_device_capability(x.device)[0] == 9 and n % FP8_BLOCK == 0 and k % FP8_BLOCK == 0
 
