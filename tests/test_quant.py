@@ -336,3 +336,25 @@ def test_fp8_table_decode_equals_torch_conversion_for_all_codes():
     # hand-decoded (fixture README): subnormal m/8 * 2^-6, normal 2^(e-7) * (1 + m/8)
     flat = got.view(-1)
     assert [float(flat[c]) for c in (0x01, 0x08, 0x38, 0x7E, 0xB8)] == [2.0 ** -9, 2.0 ** -6, 1.0, 448.0, -1.0]
+
+
+def test_resident_model_saves_as_the_same_fp8_checkpoint(tmp_path):
+    """Saving an FP8-resident model writes its codes and scales unchanged (no requantisation)."""
+    from safetensors.torch import load_file
+
+    from angelmed.checkpoint import CheckpointError, save_model
+
+    fixture = FIXTURES / "small_fp8"
+    if not fixture.is_dir():
+        pytest.skip("fixtures absent")
+    model = load_fp8_resident(fixture, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="FP8 weights"):
+        save_model(model, tmp_path / "bad")
+    save_model(model, tmp_path / "out", fp8=True)
+    stored, ours = load_file(fixture / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert set(stored) == set(ours)
+    for name, t in stored.items():
+        if t.dtype == torch.float8_e4m3fn:
+            assert torch.equal(ours[name].view(torch.uint8), t.view(torch.uint8)), name
+        elif name.endswith("_scale_inv"):
+            assert torch.equal(ours[name], t), name
