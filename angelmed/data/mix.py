@@ -6,6 +6,7 @@ encoded item (`count(encode(record))`), so mixing by token fraction costs no sec
 
 `state_dict()` holds the RNG state and, per source, its epoch and read position; `load_state_dict()` re-opens each
 source and skips to that position, so a resumed run yields exactly the items the uninterrupted run would have.
+(Skipping re-reads the skipped records, so a shared SkipCounter counts their bad rows a second time.)
 """
 
 from __future__ import annotations
