@@ -253,3 +253,30 @@ def test_runner_thread_and_async_stream(model):
     finally:
         eng.shutdown()
     assert not eng.running
+
+
+def test_backends_chat_and_loglik(tmp_path, model):
+    from angelmed.checkpoint import save_model
+    from angelmed.infer.backends import local_chat_backend, local_loglik_backend
+
+    save_model(model, tmp_path / "m")
+    tok = ByteTokenizer()
+    chat = local_chat_backend(tmp_path / "m", tokenizer=tok, max_batch=2, max_seq_len=128)
+    convs = [[{"role": "user", "content": "Hi"}], [{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "Headache?"}]]
+    replies = chat.generate(convs, max_tokens=5, temperature=0.0)
+    for conv, reply in zip(convs, replies):
+        ids = tok.encode(tok.render_chat(conv, add_generation_prompt=True))
+        want = [t for t in greedy_ref(model, ids, 5)]
+        cut = next((k for k, t in enumerate(want) if t in tok.stop_ids), len(want))
+        assert reply == tok.decode(want[:cut], skip_special_tokens=True)
+
+    ll = local_loglik_backend(tmp_path / "m", tokenizer=tok, batch_size=2)
+    reqs = [([1, 2, 3], [4, 5]), ([7] * 10, [8]), ([9, 9], [1, 2, 3, 4])]
+    got = ll.loglik(reqs)
+    with torch.no_grad():
+        for (ctx, cont), g in zip(reqs, got):
+            lsm = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            want = sum(lsm[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+            assert abs(g - want) < 1e-4
+    assert ll.tokenizer is tok
