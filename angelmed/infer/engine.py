@@ -581,14 +581,14 @@ class Engine:
         logits = out.logits[torch.arange(m, device=dev), last]
         idx = self._set_slot_params(slots, reqs)
         self.kv.write_rows(idx, tmp)
-        if self.spec is not None:
-            self.spec.absorb_prompt(idx, ids, out.hidden, lens)
         if any(r.repetition_penalty != 1 for r in reqs):
             logits = apply_repetition_penalty(logits, self.seen_BV[idx], self.pen_B[idx])
         sample = any(r.temperature > 0 for r in reqs)
         filt = sample and any(r.top_k > 0 or r.top_p < 1 for r in reqs)
         tok = pick_tokens(logits, self.temp_B[idx], self.topk_B[idx], self.topp_B[idx], self.seed_B[idx],
                           self.counter_B[idx], sample, filt)
+        if self.spec is not None:
+            self.spec.absorb_prompt(idx, ids, out.hidden, lens, tok)
         self.tok_B[idx] = tok
         self.pos_B[idx] = torch.tensor(lens, device=dev)
         self.active_B[idx] = 1
