@@ -220,7 +220,7 @@ class Experts(nn.Module):
         flat = idx_Tk.reshape(-1)
         order = flat.argsort(stable=True)
         token = order // k
-        counts_E = torch.bincount(flat, minlength=E)
+        counts_E = _count(flat, E)
         x_sorted = x_TD[token]
         if _use_grouped_mm(x_sorted):
             offs = counts_E.cumsum(0).to(torch.int32)
@@ -238,6 +238,11 @@ class Experts(nn.Module):
                     start += n
         y_weighted = y_sorted.float() * w_Tk.reshape(-1)[order, None]
         return torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device).index_add_(0, token, y_weighted)
+
+
+def _count(idx: Tensor, n: int) -> Tensor:
+    """Tokens per expert; scatter_add, unlike bincount, needs no host sync on CUDA."""
+    return torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
 
 
 def _use_grouped_mm(x: Tensor) -> bool:
@@ -272,7 +277,7 @@ class MoE(nn.Module):
         y_TD = self.experts(x_TD, idx_Tk, w_Tk).to(x_BTD.dtype)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        counts_E = torch.bincount(idx_Tk.reshape(-1), minlength=self.gate.E).detach()
+        counts_E = _count(idx_Tk.reshape(-1), self.gate.E).detach()
         return y_TD.view(B, T, D), RouterInfo(idx_Tk.view(B, T, -1), counts_E, logits_TE, scores_TE)
 
 
