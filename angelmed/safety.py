@@ -110,7 +110,7 @@ DEFAULT_RULES: tuple[RedFlagRule, ...] = (
         all_of=(
             (
                 r"\bchest (?:pain|pressure|tightness|discomfort|hurts?|is hurting|feels (?:tight|heavy))"
-                r"|\bpain in (?:my|his|her|their|the) chest\b|\b(?:my|his|her|their) chest (?:hurts|is hurting|feels tight|feels heavy)"
+                r"|\b(?:pain|pressure|tightness|heaviness|discomfort|squeezing) in (?:my|his|her|their|the) chest\b|\b(?:my|his|her|their) chest (?:hurts|is hurting|feels tight|feels heavy)"
                 r"|\btight(?:ness)? in (?:my|his|her|their|the) chest\b",
                 r"胸痛|胸口(?:痛|疼|闷|发紧)|胸疼|胸闷|胸部(?:疼痛|压迫感|紧缩感|疼)|心口(?:痛|疼)|心前区(?:疼痛|痛)",
             ),
@@ -158,7 +158,7 @@ DEFAULT_RULES: tuple[RedFlagRule, ...] = (
         any_of=(
             r"\b(?:kill|killing|hurt|hurting|harm|harming|cut|cutting) (?:myself|herself|himself|themselves)\b",
             r"\bsuicid(?:e|al)\b",
-            r"\bend (?:my|his|her|their) (?:own )?life\b|\bend it all\b|\btake (?:my|his|her|their) (?:own )?life\b",
+            r"\bend(?:ing)? (?:my|his|her|their) (?:own )?life\b|\bend(?:ing)? it all\b|\btak(?:e|ing) (?:my|his|her|their) (?:own )?life\b",
             r"\b(?:don'?t|do not) want to (?:live|be alive|wake up|exist)\b|\bno (?:point|reason) (?:in )?(?:living|to live)\b",
             r"\bbetter off dead\b|\bwant(?:s|ed)? to die\b|\bwish (?:i|he|she) (?:was|were) dead\b|\bself[- ]?harm\w*",
             r"自杀|想死|不想活|活着(?:没|没有)(?:意思|意义)|活不下去|结束(?:自己的)?生命|轻生|割腕|自残|伤害自己|一了百了",
@@ -234,6 +234,8 @@ DEFAULT_RULES: tuple[RedFlagRule, ...] = (
         },
         any_of=(
             r"\boverdos\w*",
+            r"\b(?:took|swallowed|has taken|have taken) (?:about |around |like |over |almost |nearly )?[1-9]\d+ (?:[\w-]+ ){0,3}(?:pills|tablets|capsules|caplets)\b",
+            r"吃了(?:大概|差不多|将近)?(?:[1-9]\d+|十几|几十|二十多|二三十)(?:片|粒|颗)",
             r"\btook (?:too many|too much|a whole (?:bottle|pack\w*|box)|an entire (?:bottle|pack\w*|box)|all (?:my|his|her|their|the) (?:pills|tablets|medication))\b",
             r"\b(?:swallowed|drank|ate|ingested)\b(?: \w+){0,2} (?:bleach|antifreeze|drain cleaner|detergent pods?|laundry pods?|button batter\w*|batter(?:y|ies)|rat poison|pesticide|weed ?killer|lighter fluid|gasoline|lamp oil|cleaning (?:product|fluid))\b",
             r"\bpoison(?:ed|ing)\b|\bcarbon monoxide\b",
