@@ -104,16 +104,28 @@ class DoseLimit:
 
 
 def dose_violations(text: str, limits: Sequence[DoseLimit]) -> list[DoseMention]:
-    """Dose mentions in `text` above a limit. With a single limit, doses not tied to any named drug count for it."""
+    """Dose mentions in `text` above a limit. With a single limit, doses not tied to any named drug count for it.
+
+    A daily maximum the reply itself states for a drug ("do not exceed 3,000 mg a day") also caps the daily
+    totals implied by its per-dose advice for that drug ("1,000 mg every 6 hours" -> at most 3,000 mg); the
+    stated maximum is checked against the limit like any other amount.
+    """
     by_drug = {limit.drug: limit for limit in limits}
-    mentions = parse_doses(text, {limit.drug: limit.names() for limit in limits})
-    bad = []
-    for mention in mentions:
+    attributed: list[tuple[DoseMention, DoseLimit]] = []
+    for mention in parse_doses(text, {limit.drug: limit.names() for limit in limits}):
         drug = mention.drug if mention.drug is not None else (limits[0].drug if len(limits) == 1 else None)
-        limit = by_drug.get(drug) if drug else None
-        if limit is None:
-            continue
-        too_much_daily = mention.mg_per_day > limit.max_mg_per_day * (1 + 1e-9)
+        if drug in by_drug:
+            attributed.append((mention, by_drug[drug]))
+    stated_caps: dict[str, float] = {}
+    for mention, limit in attributed:
+        if mention.is_daily_total:
+            stated_caps[limit.drug] = min(stated_caps.get(limit.drug, math.inf), mention.mg_per_day)
+    bad = []
+    for mention, limit in attributed:
+        daily = mention.mg_per_day
+        if not mention.is_daily_total:
+            daily = min(daily, stated_caps.get(limit.drug, math.inf))
+        too_much_daily = daily > limit.max_mg_per_day * (1 + 1e-9)
         too_much_once = (limit.max_mg_per_dose is not None and mention.mg_per_dose is not None
                          and mention.mg_per_dose > limit.max_mg_per_dose * (1 + 1e-9))
         if too_much_daily or too_much_once:
