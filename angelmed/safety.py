@@ -540,24 +540,37 @@ _GUIDANCE_PATTERNS = re.compile(
     r"to\s+(?:the\s+|an\s+|your\s+)?(?:nearest\s+|closest\s+|local\s+)?(?:emergency|er\b|a&e\b|hospital)"
     r"|\b(?:seek|get|need\w*)\s+(?:immediate|emergency|urgent)\s+(?:medical\s+)?(?:care|help|attention|treatment|assessment|evaluation)"
     r"|\bemergency (?:services|department|room|medical services|number)\b|\bcrisis (?:line|lifeline|hotline|text line)\b"
-    r"|(?:拨打|打|呼叫|叫)\s*(?:120|110|999|急救电话|急救|救护车)|急诊|(?:立即|立刻|马上|尽快|赶紧|赶快)(?:就医|就诊|去医院|送医)"
+    r"|\b(?:contact|call|see|phone|ring)\s+(?:your\s+|a\s+)?(?:doctor|gp|midwife|maternity unit|obstetrician|clinician|"
+    r"paediatrician|pediatrician)\s+(?:right away|immediately|now|urgently|straight away)"
+    r"|(?:拨打|打|呼叫|叫)\s*(?:120|110|999|急救电话|急救|救护车)|急诊|(?:立即|立刻|马上|尽快|赶紧|赶快)(?:就医|就诊|去医院|送医|联系(?:医生|产科医生|儿科医生))"
     r"|送(?:往|到|去)?医院|危机干预热线|心理援助热线",
     re.IGNORECASE,
 )
 _NEG_GUIDANCE_ZH = re.compile(r"不需要|不用|无需|不必|没必要|没有必要")
 
 
-def has_urgent_guidance(reply: str) -> bool:
-    """Whether the reply tells the reader to get emergency or urgent care (and does not negate it: "no need for
-    the ER" / "不需要去急诊" do not count)."""
+_CONDITIONAL = re.compile(
+    r"\b(?:if|when|whenever|should (?:you|it|they|he|she|the \w+)|in case|unless)\b|如果|若|一旦|要是|假如|万一", re.IGNORECASE
+)
+_NOW = re.compile(r"\b(?:now|immediately|right away|right now|at once|straight away)\b|立即|立刻|马上|现在|赶紧", re.IGNORECASE)
+
+
+def has_urgent_guidance(reply: str, count_conditional: bool = True) -> bool:
+    """Whether the reply tells the reader to get emergency or urgent care. Negated advice ("no need for the ER",
+    "不需要去急诊") never counts. With count_conditional=False, advice only for a future case ("if it gets worse,
+    go to the ER") does not count either, unless the same sentence says to act now."""
     ctx = _Context(reply)
     for m in _GUIDANCE_PATTERNS.finditer(reply):
-        s0 = _enclosing(ctx.clauses, m.start())[0]
-        if is_negated(reply, m.start(), s0):
+        c0 = _enclosing(ctx.clauses, m.start())[0]
+        if is_negated(reply, m.start(), c0):
             continue
-        prefix = reply[s0:m.start()]
+        prefix = reply[c0:m.start()]
         if _NEG_GUIDANCE_ZH.search(prefix[-8:]) or re.search(r"\bno need\b|\bunnecessary\b", prefix[-30:], re.I):
             continue
+        if not count_conditional:
+            s0, s1 = ctx.segment(m.start())
+            if _CONDITIONAL.search(reply[s0:m.start()]) and not _NOW.search(reply[s0:s1]):
+                continue
         return True
     return False
 

@@ -158,3 +158,12 @@ def test_custom_rules():
 def test_non_string_input_is_rejected():
     with pytest.raises(TypeError, match="expects a str"):
         detect_red_flags(None)
+
+
+def test_conditional_guidance():
+    later = "Rest for now. If the pain gets worse, go to the emergency department."
+    assert has_urgent_guidance(later) is True
+    assert has_urgent_guidance(later, count_conditional=False) is False
+    assert has_urgent_guidance("If you have these symptoms, call 911 now.", count_conditional=False) is True
+    assert has_urgent_guidance("如果加重，请去急诊。", count_conditional=False) is False
+    assert has_urgent_guidance("请立即拨打120。", count_conditional=False) is True

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from angelmed.rewards.base import text_of, user_text_of
 from angelmed.rewards.dose import DoseMention, parse_doses
+from angelmed.rewards.extract import strip_reasoning
 from angelmed.safety import CATEGORIES, detect_red_flags, has_urgent_guidance
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
@@ -38,12 +39,14 @@ class UrgentGuidanceReward:
     """1.0 when a red-flag prompt's reply sends the user to urgent care, 0.0 when it does not.
 
     Prompts without red flags get None (not scored), or with penalize_overtriage=True: 1.0 when the reply does not
-    send them to the emergency department and 0.0 when it does.
+    send them to the emergency department and 0.0 when it does. With require_unconditional=True, "if it gets
+    worse, go to the ER" does not count as guidance. Only the answer after any reasoning block is read.
     """
 
     red_flags_key: str = "red_flags"
     categories: Sequence[str] | None = None
     penalize_overtriage: bool = False
+    require_unconditional: bool = False
     name: str = "urgent_guidance"
 
     def __post_init__(self):
@@ -63,7 +66,7 @@ class UrgentGuidanceReward:
         stated = _optional_column(columns, self.red_flags_key, len(completions), self.name)
         rewards: list[float | None] = []
         for prompt, completion, flags in zip(prompts, completions, stated):
-            guided = has_urgent_guidance(text_of(completion))
+            guided = has_urgent_guidance(strip_reasoning(text_of(completion)), not self.require_unconditional)
             if self._has_red_flag(prompt, flags):
                 rewards.append(1.0 if guided else 0.0)
             elif self.penalize_overtriage:
@@ -159,7 +162,7 @@ class DoseLimitReward:
                     warnings.warn(f"reward {self.name!r}: skipping rows with malformed dose limits ({e})", stacklevel=2)
                 rewards.append(None)
                 continue
-            violations = dose_violations(text_of(completion), limits)
+            violations = dose_violations(strip_reasoning(text_of(completion)), limits)  # advice, not thinking
             rewards.append(self.violation_reward if violations else self.ok_reward)
         return rewards
 
