@@ -239,10 +239,10 @@ DEFAULT_RULES: tuple[RedFlagRule, ...] = (
             r"\btook (?:too many|too much|a whole (?:bottle|pack\w*|box)|an entire (?:bottle|pack\w*|box)|all (?:my|his|her|their|the) (?:pills|tablets|medication))\b",
             r"\b(?:swallowed|drank|ate|ingested)\b(?: \w+){0,2} (?:bleach|antifreeze|drain cleaner|detergent pods?|laundry pods?|button batter\w*|batter(?:y|ies)|rat poison|pesticide|weed ?killer|lighter fluid|gasoline|lamp oil|cleaning (?:product|fluid))\b",
             r"\bpoison(?:ed|ing)\b|\bcarbon monoxide\b",
-            r"吃了(?:一|整)(?:整)?(?:瓶|盒|板)|吃了(?:很多|太多|好多|一大把)(?:片|粒)?药|(?:药|安眠药|退烧药|止痛药)吃(?:多|过量)了|服药过量|过量服(?:用|药)|吃药过量",
+            r"吃了(?:一整|整|一)瓶|吃了(?:一整|整)(?:盒|板)|吃了(?:很多|太多|好多|一大把)(?:片|粒)?药|(?:药|安眠药|退烧药|止痛药)吃(?:多|过量)了|服药过量|过量服(?:用|药)|吃药过量",
             r"误服|误食|喝了(?:农药|百草枯|消毒液|84消毒液|洗洁精|洁厕灵)|吞了(?:电池|纽扣电池|磁铁)|中毒|一氧化碳|煤气",
         ),
-        exclude=(r"\bfood poisoning\b|\bpoison ivy\b|\bpoison oak\b", r"食物中毒"),
+        exclude=(r"\b(?:food|lead) poisoning\b|\bpoison ivy\b|\bpoison oak\b", r"食物中毒|酸中毒|感染中毒|中毒性|中毒症状"),
     ),
     RedFlagRule(
         "infant_fever",
@@ -300,6 +300,7 @@ DEFAULT_RULES: tuple[RedFlagRule, ...] = (
             ),
         ),
         exclude=(
+            r"\b(?:get|getting|become|becoming|got) pregnant\b|\btrying to conceive\b|"
             r"\bbleeding gums\b|\bgums? (?:are |is )?bleed\w*|\bnose ?bleed\w*|\bnose is bleeding\b"
             r"|\bblood (?:pressure|tests?|sugar|work|type|glucose|group|count)\b",
             r"牙龈出血|鼻出血|流鼻血|血压|验血|血糖|抽血",
@@ -375,7 +376,9 @@ _GENERIC_WEAK = re.compile(
     r"\bwhat (?:are|is) (?:the )?(?:common |typical |usual |warning |early |main )?(?:signs?|symptoms?|causes?|risk factors?)\b"
     r"|\b(?:warning )?signs of\b|\bsymptoms of\b|\bhow (?:do|can|would|should|to) (?:you |one |we |people )?(?:recogni[sz]e|tell|spot|identify|know)\b"
     r"|\bwhat is (?:an? )?\w+\??$|\bwhat causes\b|\bwhat happens if\b|\bwhat would happen\b"
-    r"|有哪些症状|什么症状|的症状|症状(?:是什么|有哪些)|是什么|怎么(?:识别|判断|预防)|如何(?:识别|判断|预防)|哪些表现|有什么表现",
+    r"|\b(?:incidence|prevalence|prognosis|differential diagnosis|pathophysiology|epidemiology)\b"
+    r"|有哪些症状|什么症状|的症状|症状(?:是什么|有哪些)|是什么|怎么(?:识别|判断|预防)|如何(?:识别|判断|预防)|哪些表现|有什么表现"
+    r"|临床表现|鉴别诊断|辅助治疗|治疗方法|的治疗|发病率|患病率|比例|宜食|饮食|护理|病因|发病机制",
     re.IGNORECASE,
 )
 _PERSONAL = re.compile(
