@@ -508,7 +508,7 @@ def test_rubric_sets_are_well_formed():
 def test_build_rewards_from_config():
     config = [
         {"name": "mcq", "weight": 1.0},
-        {"name": "format", "weight": 0.2, "required_sections": ["Assessment", "Advice"], "label": "fmt"},
+        {"name": "format", "weight": 0.2, "required_sections": ["Assessment", "Advice"], "log_name": "fmt"},
         {"name": "urgent_guidance", "weight": 0.5},
         {"name": "dose_limit"},
     ]
@@ -572,3 +572,21 @@ def test_safety_rewards_read_the_answer_not_the_thinking():
     assert strict(prompt, ["Rest. If it gets heavier, go to the ER."]) == [0.0]
     limit = [{"drug": "ibuprofen", "max_mg_per_day": 1200}]
     assert DoseLimitReward()(["q"], ["<think>800 mg four times a day?</think>Take 200 mg every 6 hours."], dose_limits=[limit]) == [1.0]
+
+
+def test_registry_label_match_and_register():
+    [reward] = build_rewards([{"name": "label_match", "answer_key": "final_decision"}])
+    assert reward.fn(["q"], ["The answer is no."], final_decision=["no"]) == [1.0]
+    from angelmed.rewards.registry import REWARDS, register
+
+    @register("always_one_test")
+    def always_one(value: float = 1.0):
+        return lambda prompts, completions, **_: [value] * len(completions)
+
+    try:
+        [built] = build_rewards([{"name": "always_one_test", "value": 0.25, "weight": 2}])
+        assert combine([built], ["p"], ["c"])[0] == [0.5]
+        with pytest.raises(ValueError, match="unknown option"):
+            build_rewards([{"name": "always_one_test", "valu": 1}])
+    finally:
+        REWARDS.pop("always_one_test")

@@ -83,7 +83,7 @@ class LabelReward:
 
     answer_key: str = "answer"
     labels: tuple[str, ...] = ("yes", "no", "maybe")
-    name: str = "label"
+    name: str = "label_match"
     invalid_references: int = field(default=0, compare=False)
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float | None]:
