@@ -15,98 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+import torch
 
-
-def reexec_with_tcmalloc() -> None:
-    if os.path.exists(TCMALLOC) and TCMALLOC not in os.environ.get("LD_PRELOAD", ""):
-        env = dict(os.environ, LD_PRELOAD=(TCMALLOC + " " + os.environ.get("LD_PRELOAD", "")).strip())
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
-reexec_with_tcmalloc()
-
-import torch  # noqa: E402
-
-from angelmed.config import ModelConfig, get_preset  # noqa: E402
-from angelmed.infer.engine import Engine, GenerationRequest  # noqa: E402
-from angelmed.model import Transformer  # noqa: E402
-
-
-# ---- our weights in transformers' Glm4Moe ------------------------------------------------------------------
-def glm4moe_config(cfg: ModelConfig):
-    from transformers import Glm4MoeConfig
-
-    return Glm4MoeConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, partial_rotary_factor=cfg.partial_rotary_factor,
-        attention_bias=cfg.use_qkv_bias or cfg.use_bias, use_qk_norm=cfg.use_qk_norm,
-        moe_intermediate_size=cfg.moe_intermediate_size, num_experts_per_tok=cfg.num_experts_per_tok,
-        n_routed_experts=cfg.num_experts, n_shared_experts=cfg.num_shared_experts,
-        routed_scaling_factor=cfg.routed_scaling_factor, n_group=cfg.num_groups, topk_group=cfg.topk_group or 1,
-        first_k_dense_replace=cfg.first_k_dense_replace, norm_topk_prob=True,
-        tie_word_embeddings=cfg.tie_word_embeddings, attention_dropout=0.0, pad_token_id=0, eos_token_id=None,
-        bos_token_id=None)
-
-
-def to_glm4moe(model: Transformer):
-    """Glm4MoeForCausalLM holding our weights (main layers; MTP layers have no counterpart)."""
-    from transformers import Glm4MoeForCausalLM
-
-    cfg = model.config
-    hf = Glm4MoeForCausalLM(glm4moe_config(cfg)).eval()
-    nq, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    sd = {"model.embed_tokens.weight": model.model.word_embeddings.weight, "model.norm.weight": model.model.norm.weight,
-          "lm_head.weight": model.lm_head.weight}
-    for i in range(cfg.num_hidden_layers):
-        L, p = model.model.layers[i], f"model.layers.{i}."
-        qkv = L.attention.query_key_value.weight  # rows [Q heads | K heads | V heads]
-        sd[p + "self_attn.q_proj.weight"] = qkv[:nq * d]
-        sd[p + "self_attn.k_proj.weight"] = qkv[nq * d:(nq + nkv) * d]
-        sd[p + "self_attn.v_proj.weight"] = qkv[(nq + nkv) * d:]
-        sd[p + "self_attn.o_proj.weight"] = L.attention.dense.weight
-        if cfg.use_qk_norm:
-            sd[p + "self_attn.q_norm.weight"] = L.attention.query_layernorm.weight
-            sd[p + "self_attn.k_norm.weight"] = L.attention.key_layernorm.weight
-        sd[p + "input_layernorm.weight"] = L.input_layernorm.weight
-        sd[p + "post_attention_layernorm.weight"] = L.post_attention_layernorm.weight
-        mlp = L.mlp
-        if hasattr(mlp, "gate_proj"):
-            for n in ("gate_proj", "up_proj", "down_proj"):
-                sd[p + f"mlp.{n}.weight"] = getattr(mlp, n).weight
-            continue
-        sd[p + "mlp.gate.weight"] = mlp.gate.weight
-        sd[p + "mlp.gate.e_score_correction_bias"] = mlp.gate.expert_bias
-        for e in range(cfg.num_experts):
-            for n in ("gate_proj", "up_proj", "down_proj"):
-                sd[p + f"mlp.experts.{e}.{n}.weight"] = getattr(mlp.experts, n)[e]
-        for n in ("gate_proj", "up_proj", "down_proj"):
-            sd[p + f"mlp.shared_experts.{n}.weight"] = getattr(mlp.shared_experts, n).weight
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return hf
-
-
-# ---- measurements ---------------------------------------------------------------------------------------------
-def copy_bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
-    """Read+write bytes per second of a large tensor copy (best of reps): the memory-bound ceiling."""
-    src = torch.randn(mb * (1 << 20) // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * src.numel() * 4 / best / 1e9
+from _common import copy_bandwidth, hf_peer, setup
+from angelmed.config import ModelConfig, get_preset
+from angelmed.infer.engine import Engine, GenerationRequest
+from angelmed.model import Transformer
+from angelmed.tcmalloc import LIB as TCMALLOC
 
 
 def decode_bytes_per_token(cfg: ModelConfig, ctx: int, bytes_per: int = 4) -> int:
@@ -164,16 +81,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared few-core machine more threads mostly spin)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    bw = copy_bandwidth_gbs()
+    setup(args.threads)
+    bw = copy_bandwidth() / 1e9
     print(f"copy bandwidth: {bw:.1f} GB/s (read+write), torch threads {torch.get_num_threads()}, "
           f"tcmalloc {'on' if TCMALLOC in os.environ.get('LD_PRELOAD', '') else 'off'}")
     results = {"copy_bandwidth_GBps": round(bw, 2), "threads": torch.get_num_threads(), "runs": []}
     for preset in args.presets:
         cfg = get_preset(preset)
         model = Transformer(cfg).init_weights(0).eval()
-        hf = to_glm4moe(model)
+        hf = hf_peer(model)
         g = torch.Generator().manual_seed(0)
         diff = check_parity(model, hf, torch.randint(0, cfg.vocab_size, (2, 24), generator=g))
         print(f"[{preset}] logits agree with Glm4MoeForCausalLM: max |diff| {diff:.2e}")
