@@ -18,10 +18,9 @@ import os
 import sys
 import time
 
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-if os.path.exists(TCMALLOC) and TCMALLOC not in os.environ.get("LD_PRELOAD", ""):
-    os.execve(sys.executable, [sys.executable] + sys.argv,
-              dict(os.environ, LD_PRELOAD=(TCMALLOC + " " + os.environ.get("LD_PRELOAD", "")).strip()))
+from _common import setup  # noqa: E402  (tcmalloc re-exec, threads)
+
+setup(1)
 
 import torch  # noqa: E402
 
