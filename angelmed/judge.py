@@ -93,11 +93,17 @@ def render_rubric_item(rubric_item: dict) -> str:
     return f"[{rubric_item['points']}] {rubric_item['criterion']}"
 
 
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """Replace each "<<name>>" marker of the template by values[name] in one pass: text inserted for one marker is
+    never searched for another (a conversation quoting "<<rubric_item>>" stays as written)."""
+    pattern = re.compile("|".join(re.escape(f"<<{name}>>") for name in values))
+    return pattern.sub(lambda m: values[m.group(0)[2:-2]], template)
+
+
 def grader_prompt(conversation: list[dict], rubric_item: dict) -> str:
     """The grader's user message for one rubric item. `conversation` must already end with the candidate's reply."""
-    return GRADER_TEMPLATE.replace("<<conversation>>", render_conversation(conversation)).replace(
-        "<<rubric_item>>", render_rubric_item(rubric_item)
-    )
+    return fill_template(GRADER_TEMPLATE, {"conversation": render_conversation(conversation),
+                                           "rubric_item": render_rubric_item(rubric_item)})
 
 
 _FENCE_RE = re.compile(r"^```json\s*|\s*```$")
@@ -281,12 +287,13 @@ class Judge:
             )
         except openai.BadRequestError:
             return BAD_REQUEST_REPLY  # as in the reference: fails validation, so it is retried up to the cap
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-            # Retrying cannot fix a wrong key, URL or model name: stop with the server's message.
+        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
+            raise _RetryableAPIError(str(e)) from e  # includes timeouts (a subclass of connection errors)
+        except openai.APIStatusError as e:
+            if e.status_code in (408, 409):
+                raise _RetryableAPIError(str(e)) from e
+            # Retrying cannot fix a wrong key, URL, model name or payload: stop with the server's message.
             raise RuntimeError(f"judge endpoint {self.base_url} (model {self.model!r}) refused the request: {e}") from e
-        except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
-                openai.InternalServerError, openai.APIStatusError) as e:
-            raise _RetryableAPIError(str(e)) from e
         if not response.choices:
             return ""
         return response.choices[0].message.content or ""

@@ -78,8 +78,7 @@ class OpenAIChatBackend:
                                 temperature=temperature, extra_body=self.extra_body,
                             )
                             break
-                        except (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
-                                openai.InternalServerError) as e:
+                        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
                             attempt += 1
                             if attempt > self.max_retries:
                                 raise RuntimeError(

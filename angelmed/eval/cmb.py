@@ -18,7 +18,7 @@ from pathlib import Path
 from angelmed.eval.backends import ChatBackend
 from angelmed.eval.healthbench import DEFAULT_SYSTEM_PROMPT
 from angelmed.eval.io import CompletionStore, content_key
-from angelmed.judge import Judge, parse_json_reply
+from angelmed.judge import Judge, fill_template, parse_json_reply
 
 CRITERIA = ("fluency", "relevance", "completeness", "proficiency")
 CASE_PREFIX = "以下是一位病人的病例："
@@ -118,15 +118,9 @@ def first_turn(case: CMBCase) -> str:
 def judge_prompt(case: CMBCase, turn: int, answers: list[str]) -> str:
     history = "\n\n".join(f"问：{case.qa_pairs[i][0]}\n答：{answers[i]}" for i in range(turn)) or "（无）"
     question, reference = case.qa_pairs[turn]
-    # Plain replacement, applied to the template only once per placeholder, so braces or markers in the case
-    # text cannot be re-substituted.
-    parts = {"<<description>>": case.description, "<<history>>": history, "<<question>>": question,
-             "<<reference>>": reference, "<<answer>>": answers[turn]}
-    out = CMB_JUDGE_TEMPLATE
-    for marker, value in parts.items():
-        head, tail = out.split(marker, 1)
-        out = head + value.replace("<<", "< <") + tail
-    return out
+    return fill_template(CMB_JUDGE_TEMPLATE, {"description": case.description, "history": history,
+                                              "question": question, "reference": reference,
+                                              "answer": answers[turn]})
 
 
 def parse_ratings(text: str) -> dict[str, int] | None:
