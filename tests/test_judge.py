@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from angelmed.eval.stub_server import StubServer, make_stub_app
+from angelmed.eval.cmb import CMBCase, CMBConfig, CMBData, judge_prompt, load_cmb_clin, parse_ratings, run_cmb_clin
+from angelmed.eval.stub_server import StubServer, make_stub_app, stub_cmb_ratings
 from angelmed.judge import Judge, ReplyCache, grader_prompt, parse_verdict
 
 
@@ -132,3 +133,56 @@ def test_cache_files_are_complete_json(tmp_path):
     assert cache.get("m", "prompt {with braces}") == '{"criteria_met": true}'
     path.write_text('{"reply": ')  # a torn file counts as a miss, not a crash
     assert cache.get("m", "prompt {with braces}") is None
+
+
+# ------------------------------------------------------------------------------------------- CMB-Clin judge
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"fluency": 5, "relevance": 4, "completeness": 3, "proficiency": 2}', True),
+    ('```json\n{"fluency": 1, "relevance": 1, "completeness": 1, "proficiency": 1}\n```', True),
+    ('{"fluency": 6, "relevance": 4, "completeness": 3, "proficiency": 2}', False),  # out of range
+    ('{"fluency": "5", "relevance": 4, "completeness": 3, "proficiency": 2}', False),  # string
+    ('{"fluency": true, "relevance": 4, "completeness": 3, "proficiency": 2}', False),  # bool
+    ('{"fluency": 5, "relevance": 4, "completeness": 3}', False),  # missing proficiency
+    ('很好，5分', False),
+])
+def test_parse_ratings(text, ok):
+    assert (parse_ratings(text) is not None) is ok
+
+
+def test_cmb_clin_local_data_loads(data_dir):
+    data = load_cmb_clin(data_dir / "cmb_clin" / "CMB-test-qa.json")
+    assert len(data.cases) == 74 and data.n_questions == 208 and not data.bad_records
+
+
+class RecordingChat:
+    def __init__(self):
+        self.conversations = []
+
+    def generate(self, conversations, max_tokens, temperature):
+        self.conversations += [list(c) for c in conversations]
+        return [f"回答{len(c)}" for c in conversations]
+
+
+def test_cmb_clin_run_is_multi_turn_and_averages_ratings(stub):
+    server, _ = stub
+    cases = [CMBCase("0", "t", "男，49岁，右下腹痛。", [("诊断是什么？", "腹股沟斜疝"), ("如何治疗？", "手术修补")]),
+             CMBCase("1", "t", "女，30岁，发热。", [("诊断？", "回答")])]
+    chat = RecordingChat()
+    judge = Judge(server.base_url, "stub-judge")
+    result = run_cmb_clin(CMBData("mem", cases), chat, judge, CMBConfig(system_prompt="SYS"), "recording")
+    first = chat.conversations[0]
+    assert first[0] == {"role": "system", "content": "SYS"}
+    assert first[1]["content"] == "以下是一位病人的病例：\n男，49岁，右下腹痛。\n诊断是什么？"
+    second_turn = chat.conversations[2]  # case 0, turn 2: history holds the first answer
+    assert [m["role"] for m in second_turn] == ["system", "user", "assistant", "user"]
+    assert second_turn[2]["content"] == "回答2" and second_turn[3]["content"] == "如何治疗？"
+    answers = {("0", 0): "回答2", ("0", 1): "回答4", ("1", 0): "回答2"}
+    refs = {("0", 0): "腹股沟斜疝", ("0", 1): "手术修补", ("1", 0): "回答"}
+    expected = [stub_cmb_ratings(refs[k], answers[k])["fluency"] for k in answers]
+    assert expected == [1, 1, 5]  # no shared characters, none shared, 2 of 2 shared -> 1 + 4 * 1
+    assert result["criteria"]["fluency"] == pytest.approx(sum(expected) / 3)
+    assert result["score"] == pytest.approx(sum(expected) / 3)
+    assert result["n_graded"] == 3 and result["n_ungraded"] == 0
+    assert "[此前的对话]\n问：诊断是什么？\n答：回答2\n[/此前的对话]" in judge_prompt(cases[0], 1, ["回答2", "回答4"])
