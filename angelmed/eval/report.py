@@ -195,7 +195,8 @@ def expert_load_section(doc: Doc, run_dir: Path, fig_dir: Path, notes: list[str]
         doc.p(f"{stage}: {load_LE.shape[0]} MoE layers x {load_LE.shape[1]} experts. Max/mean expert share per "
               f"layer: mean {max_over_mean_L.mean():.2f}, worst {max_over_mean_L.max():.2f} (1.00 = balanced).")
         plt = _plt()
-        fig, ax = plt.subplots(figsize=(min(14, 2 + 0.08 * load_LE.shape[1]), 1.5 + 0.25 * load_LE.shape[0]))
+        fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 2 + 0.08 * load_LE.shape[1])),
+                                        min(12.0, max(3.0, 1.5 + 0.25 * load_LE.shape[0]))))
         image = ax.imshow(share_LE * share_LE.shape[1], aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
