@@ -103,8 +103,9 @@ class TorchLoglik:
     """
 
     def __init__(self, model: torch.nn.Module, max_batch_tokens: int = 8192, pad_id: int = 0,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, progress: bool = False):
         self.model = model
+        self.progress = progress
         self.max_batch_tokens = max_batch_tokens
         self.pad_id = pad_id
         self.device = torch.device(device) if device is not None else _module_device(model)
@@ -121,6 +122,11 @@ class TorchLoglik:
         lengths = [len(c) + len(x) - 1 for c, x in requests]
         order = sorted(range(len(requests)), key=lambda i: -lengths[i])
         results: list[float] = [0.0] * len(requests)
+        bar = None
+        if self.progress and requests:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(requests), desc="loglik", unit="req", leave=False)
         start = 0
         while start < len(order):
             longest = lengths[order[start]]
@@ -139,6 +145,10 @@ class TorchLoglik:
                 positions = torch.arange(first, first + len(continuation), device=logprobs_BTV.device)
                 targets = torch.tensor(continuation, dtype=torch.long, device=logprobs_BTV.device)
                 results[i] = float(logprobs_BTV[row, positions, targets].sum())
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
         return results
 
 
