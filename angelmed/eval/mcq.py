@@ -1,0 +1,147 @@
+"""Multiple-choice scoring: lm-eval style log-likelihood (acc, acc_norm) and generative with answer extraction.
+
+Every result carries its protocol (loglik/generative, shots, temperature), a 95% Wilson interval, the chance and
+majority-class baselines, per-subject accuracy, and for PubMedQA macro-F1 with a bootstrap interval.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+from angelmed.eval.backends import ChatBackend, LoglikBackend, Tokenizer
+from angelmed.eval.extract import extract_choice, extract_yes_no_maybe
+from angelmed.eval.healthbench import DEFAULT_SYSTEM_PROMPT
+from angelmed.eval.mcq_data import (LETTERS, PUBMEDQA_LABELS, MCQItem, MCQTask, choice_strings, generative_prompt,
+                                    loglik_context, select_shots)
+from angelmed.eval.stats import bootstrap_interval, macro_f1, majority_baseline, wilson_interval
+
+TARGET_DELIMITER = " "
+
+
+@dataclass
+class MCQConfig:
+    protocol: str = "loglik"  # loglik | generative
+    shots: int = 0
+    limit: int | None = None  # first N items
+    max_tokens: int = 1024  # generative only
+    temperature: float = 0.0  # generative only (greedy by default)
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # generative only
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+
+def _items(task: MCQTask, config: MCQConfig) -> list[MCQItem]:
+    return task.items[:config.limit] if config.limit is not None else list(task.items)
+
+
+def loglik_requests(context: str, continuation: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """Split on tokens: encode the whole string, the continuation is whatever follows the context's tokens."""
+    whole = tokenizer.encode(context + continuation)
+    n_context = len(tokenizer.encode(context))
+    if n_context >= len(whole):
+        raise ValueError(f"continuation {continuation!r} adds no tokens after the context")
+    return whole[:n_context], whole[n_context:]
+
+
+def predict_loglik(task: MCQTask, items: list[MCQItem], backend: LoglikBackend, tokenizer: Tokenizer,
+                   shots: int) -> tuple[list[int], list[int]]:
+    """(argmax of loglik, argmax of loglik / len(choice chars)) per item."""
+    requests, owners, lengths = [], [], []
+    for i, item in enumerate(items):
+        context = loglik_context(task.name, item, select_shots(task, item, shots))
+        for choice in choice_strings(task.name, item):
+            requests.append(loglik_requests(context, TARGET_DELIMITER + choice, tokenizer))
+            owners.append(i)
+            lengths.append(len(choice))
+    scores = backend.loglik(requests)
+    per_item: list[list[tuple[float, int]]] = [[] for _ in items]
+    for owner, score, length in zip(owners, scores, lengths):
+        per_item[owner].append((score, length))
+    acc_pred = [max(range(len(s)), key=lambda j: s[j][0]) for s in per_item]
+    norm_pred = [max(range(len(s)), key=lambda j: s[j][0] / s[j][1]) for s in per_item]
+    return acc_pred, norm_pred
+
+
+def predict_generative(task: MCQTask, items: list[MCQItem], backend: ChatBackend,
+                       config: MCQConfig) -> list[int | None]:
+    conversations = []
+    for item in items:
+        turns = []
+        for shot in select_shots(task, item, config.shots):
+            answer = shot.options[shot.answer_index] if task.is_yes_no_maybe else shot.answer_letter
+            turns += [{"role": "user", "content": generative_prompt(task.name, shot)},
+                      {"role": "assistant", "content": f"The answer is {answer}."}]
+        system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+        conversations.append(system + turns + [{"role": "user", "content": generative_prompt(task.name, item)}])
+    replies = backend.generate(conversations, config.max_tokens, config.temperature)
+    predictions: list[int | None] = []
+    for item, reply in zip(items, replies):
+        if task.is_yes_no_maybe:
+            label = extract_yes_no_maybe(reply)
+            predictions.append(PUBMEDQA_LABELS.index(label) if label else None)
+        else:
+            letter = extract_choice(reply, list(item.options))
+            predictions.append(LETTERS.index(letter) if letter else None)
+    return predictions
+
+
+def accuracy_block(gold: list[int], predicted: list[int | None]) -> dict:
+    correct = sum(p == g for p, g in zip(predicted, gold))
+    low, high = wilson_interval(correct, len(gold))
+    return {"value": correct / len(gold) if gold else 0.0, "ci95": [low, high], "correct": correct}
+
+
+def summarize(task: MCQTask, items: list[MCQItem], predicted: list[int | None], config: MCQConfig,
+              acc_norm_predicted: list[int] | None = None) -> dict:
+    gold = [item.answer_index for item in items]
+    result: dict = {
+        "benchmark": "mcq",
+        "task": task.name,
+        "source": task.source,
+        "note": task.note,
+        "protocol": asdict(config) if config.protocol == "generative" else
+        {"protocol": "loglik", "shots": config.shots, "limit": config.limit, "target_delimiter": TARGET_DELIMITER},
+        "n": len(items),
+        "acc": accuracy_block(gold, predicted),
+    }
+    if acc_norm_predicted is not None:
+        result["acc_norm"] = accuracy_block(gold, acc_norm_predicted)
+    if config.protocol == "generative":
+        unparsed = sum(p is None for p in predicted)
+        result["parse_failure_rate"] = unparsed / len(items) if items else 0.0
+    label_of = (lambda i: PUBMEDQA_LABELS[i]) if task.is_yes_no_maybe else (lambda i: LETTERS[i])
+    majority_label, majority_acc = majority_baseline([label_of(g) for g in gold])
+    result["baselines"] = {
+        "chance": sum(1 / len(item.options) for item in items) / len(items) if items else 0.0,
+        "majority": {"label": majority_label, "acc": majority_acc},
+    }
+    if task.is_yes_no_maybe:
+        gold_labels = [PUBMEDQA_LABELS[g] for g in gold]
+        pred_labels = [PUBMEDQA_LABELS[p] if p is not None else None for p in predicted]
+        f1 = lambda g, p: macro_f1(g, p, PUBMEDQA_LABELS)  # noqa: E731
+        result["macro_f1"] = {"value": f1(gold_labels, pred_labels),
+                              "ci95": list(bootstrap_interval(gold_labels, pred_labels, f1, config.n_bootstrap,
+                                                              config.seed))}
+    by_subject: dict[str, list[bool]] = defaultdict(list)
+    for item, p in zip(items, predicted):
+        if item.subject:
+            by_subject[item.subject].append(p == item.answer_index)
+    if len(by_subject) > 1:
+        result["subjects"] = {s: {"acc": sum(v) / len(v), "n": len(v)} for s, v in sorted(by_subject.items())}
+    result["bad_lines"] = task.bad_lines
+    result["predictions"] = [{"id": item.id, "gold": label_of(item.answer_index),
+                              "pred": label_of(p) if p is not None else None}
+                             for item, p in zip(items, predicted)]
+    return result
+
+
+def evaluate_loglik(task: MCQTask, backend: LoglikBackend, tokenizer: Tokenizer, config: MCQConfig) -> dict:
+    items = _items(task, config)
+    acc_pred, norm_pred = predict_loglik(task, items, backend, tokenizer, config.shots)
+    return summarize(task, items, acc_pred, config, acc_norm_predicted=norm_pred)
+
+
+def evaluate_generative(task: MCQTask, backend: ChatBackend, config: MCQConfig) -> dict:
+    items = _items(task, config)
+    return summarize(task, items, predict_generative(task, items, backend, config), config)
