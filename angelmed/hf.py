@@ -77,7 +77,8 @@ class BailingMoeV2Config(PretrainedConfig):
             setattr(self, key, value)
 
     def to_model_config(self) -> ModelConfig:
-        values = {k: getattr(self, k) for k in _model_config_keys() if hasattr(self, k)}
+        skip = ("torch_dtype", "quantization_config")  # PretrainedConfig: `dtype`; FP8 is dequantised at load
+        values = {k: getattr(self, k) for k in _model_config_keys() if k not in skip and hasattr(self, k)}
         values["torch_dtype"] = _dtype_name(getattr(self, "dtype", None)) or "bfloat16"
         values["quantization_config"] = None
         return ModelConfig(**values)
