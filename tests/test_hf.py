@@ -388,17 +388,18 @@ LETTERS = ["A", "B", "C", "D"]
 N_ITEMS = 20
 
 
-def _medqa_items(data_dir: Path) -> tuple[Path, list[dict]]:
+def _medqa_items(data_dir: Path, out_dir: Path) -> tuple[Path, list[dict]]:
+    """The N_ITEMS shortest of the first 200 MedQA test items (short prompts keep the test fast), written to a
+    temporary JSONL that the lm-eval task reads."""
     path = data_dir / "medagentsbench" / "medqa" / "test.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} not found")
-    items = []
     with path.open() as f:
-        for line in f:
-            items.append(json.loads(line))
-            if len(items) == N_ITEMS:
-                break
-    return path, items
+        head = [json.loads(line) for _, line in zip(range(200), f)]
+    items = sorted(head, key=lambda it: len(_doc_to_text(it)))[:N_ITEMS]
+    subset = out_dir / "medqa_subset.jsonl"
+    subset.write_text("".join(json.dumps(it) + "\n" for it in items))
+    return subset, items
 
 
 def _doc_to_text(item: dict) -> str:
@@ -487,8 +488,8 @@ def mcq_setup(tmp_path_factory):
         if (REPO.parent / "shared" / "data").is_dir() or os.environ.get("ANGELMED_DATA_ROOT") else None
     if data is None:
         pytest.skip("shared data not found (set ANGELMED_DATA_ROOT)")
-    data_file, items = _medqa_items(data)
     root = tmp_path_factory.mktemp("lm_eval")
+    data_file, items = _medqa_items(data, root)
     ckpt = _tiny_checkpoint_with_tokenizer(items, root / "tiny")
     scorer = _NativeScorer(ckpt)
     logliks = [scorer.loglik([scorer.split(_doc_to_text(it), " " + c) for c in LETTERS]) for it in items]
@@ -526,7 +527,10 @@ def test_angelmed_eval_mcq_matches_lm_eval_scoring(mcq_setup):
     mcq = pytest.importorskip("angelmed.eval.mcq")
     mcq_data = pytest.importorskip("angelmed.eval.mcq_data")
     try:
-        task = mcq_data.load_task("medqa", mcq_setup["data_file"].parents[2])
+        data_root = mcq_setup["root"] / "data_root"  # the subset, laid out as angelmed's data root expects
+        (data_root / "medagentsbench" / "medqa").mkdir(parents=True, exist_ok=True)
+        (data_root / "medagentsbench" / "medqa" / "test.jsonl").write_text(mcq_setup["data_file"].read_text())
+        task = mcq_data.load_task("medqa", data_root)
         report = mcq.evaluate_loglik(task, mcq_setup["scorer"], mcq_setup["scorer"], mcq.MCQConfig(limit=N_ITEMS))
     except (AttributeError, TypeError) as e:  # API drift: fix this hook, do not silence it
         pytest.fail(f"angelmed.eval.mcq API changed; update this hook: {e}")
