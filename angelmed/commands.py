@@ -187,9 +187,10 @@ def convert(argv: list[str]) -> int:
                generation_config=read_generation_config(a.src) or None)
     _copy_tokenizer(Path(a.src), Path(a.dst))
     if a.hf_remote_code:
-        from angelmed.hf import export_remote_code
+        from angelmed.hf_remote import export_remote_code
 
-        export_remote_code(a.dst)
+        src = Path(a.src)
+        export_remote_code(a.dst, tokenizer=src if (src / "tokenizer.json").is_file() else None)
     print(f"wrote {a.dst}")
     return 0
 

@@ -190,13 +190,6 @@ def test_candidate_conversation_prepends_system_prompt():
     assert candidate_conversation(EX_B, None) == EX_B.prompt
 
 
-def test_cli_local_checkpoint_without_engine_gives_clear_error(tmp_path, capsys):
-    import sys
-
-    sys.modules.setdefault("angelmed.infer.backends", None)  # simulate the engine factory being absent
-    try:
-        with pytest.raises(SystemExit, match="angelmed.infer.backends"):
-            cli.main(["mcq", "--model", str(tmp_path), "--subset", "medqa", "--data-root", str(tmp_path)])
-    finally:
-        if sys.modules.get("angelmed.infer.backends") is None:
-            del sys.modules["angelmed.infer.backends"]
+def test_cli_local_checkpoint_that_is_not_a_checkpoint_gives_clear_error(tmp_path, data_dir, capsys):
+    rc = cli.main(["mcq", "--model", str(tmp_path), "--subset", "medqa", "--data-root", str(data_dir)])
+    assert rc == 2 and "config.json" in capsys.readouterr().err

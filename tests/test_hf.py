@@ -97,8 +97,7 @@ def test_registration_on_import_angelmed():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    if out.stdout.strip() != "True":
-        pytest.skip("angelmed/__init__.py does not register angelmed.hf yet (shared-file change pending)")
+    assert out.stdout.strip() == "True"
 
 
 # ---- checkpoints: official per-expert names out, stacked in --------------------------------------------
@@ -341,7 +340,7 @@ def test_trust_remote_code_without_angelmed(fixtures_dir, tmp_path):
 
 # ---- PEFT ---------------------------------------------------------------------------------------------------
 def test_peft_lora_on_attention_and_stacked_experts_trains_and_merges(fixtures_dir, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     model = _load(fixtures_dir, "tiny_mtp")
     ids = torch.from_numpy(np.load(fixtures_dir / "tiny_mtp" / "ids.npy"))
     with torch.no_grad():
@@ -500,7 +499,6 @@ def mcq_setup(tmp_path_factory):
 
 
 def test_lm_eval_harness_accuracy_equals_independent_loglik_scoring(mcq_setup):
-    pytest.importorskip("lm_eval")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -522,10 +520,9 @@ def test_lm_eval_harness_accuracy_equals_independent_loglik_scoring(mcq_setup):
 
 
 def test_angelmed_eval_mcq_matches_lm_eval_scoring(mcq_setup):
-    """HOOK (after merge): `angelmed eval mcq` (angelmed.eval.mcq) must report the accuracy computed above for the same
-    items and log-likelihood scoring. Skipped until angelmed.eval.mcq is on this branch."""
-    mcq = pytest.importorskip("angelmed.eval.mcq")
-    mcq_data = pytest.importorskip("angelmed.eval.mcq_data")
+    """`angelmed eval mcq` (angelmed.eval.mcq) reports the accuracy computed above for the same items and
+    log-likelihood scoring (and so the same as lm-evaluation-harness, by the test above)."""
+    from angelmed.eval import mcq, mcq_data
     try:
         data_root = mcq_setup["root"] / "data_root"  # the subset, laid out as angelmed's data root expects
         (data_root / "medagentsbench" / "medqa").mkdir(parents=True, exist_ok=True)
