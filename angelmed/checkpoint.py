@@ -263,12 +263,17 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None, fp8: boo
     for name, t in model.state_dict().items():
         if name == "inv_freq":
             continue
-        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", name)
-        items = ([(f"{m.group(1)}.{e}.{m.group(2)}.weight", t[e]) for e in range(t.shape[0])] if m
-                 else [(name, t)])
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$", name)
+        items = ([(f"{m.group(1)}.{e}.{m.group(2)}.weight{m.group(3) or ''}", t[e]) for e in range(t.shape[0])]
+                 if m else [(name, t)])
         for n, x in items:
             x = x.detach().cpu()
-            if n.endswith("expert_bias"):
+            if x.dtype == torch.float8_e4m3fn or n.endswith("_scale_inv"):  # FP8-resident model (infer/quant.py)
+                if not fp8:
+                    raise CheckpointError("model holds FP8 weights; save with fp8=True or call "
+                                          "infer.quant.dequantize_model_ first")
+                out[n] = x.contiguous() if x.dtype == torch.float8_e4m3fn else x.float().contiguous()
+            elif n.endswith("expert_bias"):
                 out[n] = x.float().contiguous()
             elif fp8 and _FP8_RE.search(n):
                 q, s = quantize_fp8_block(x.float(), ue8m0=bool(_UE8M0_RE.search(n)))
@@ -309,8 +314,13 @@ def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, shards: int | 
         save_file(sd, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
         return
     total = sum(t.numel() * t.element_size() for t in sd.values())
-    split = split_torch_state_dict_into_shards(
-        sd, filename_pattern="model{suffix}.safetensors", max_shard_size=max(1, math.ceil(total / shards)))
+    max_size = math.ceil(total / shards)
+    while True:  # greedy packing can overshoot the shard count at exactly total/shards; loosen until it fits
+        split = split_torch_state_dict_into_shards(
+            sd, filename_pattern="model{suffix}.safetensors", max_shard_size=max_size)
+        if len(split.filename_to_tensors) <= shards:
+            break
+        max_size = math.ceil(max_size * 1.05)
     for fname, names in split.filename_to_tensors.items():
         save_file({n: sd[n] for n in names}, str(out_dir / fname), metadata={"format": "pt"})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "speedrun": ("angelmed.speedrun", "main", "tokenizer -> CPT -> SFT -> GRPO -> eval -> report, on CPU"),
 }
 
+HEAVY = {"train", "serve", "chat", "eval", "speedrun", "generate", "logits", "convert"}
+
 
 def usage() -> str:
     lines = ["usage: angelmed COMMAND [options]   (angelmed COMMAND --help for details)", "", "commands:"]
@@ -29,6 +31,11 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # console-script entry: heavy commands run faster under tcmalloc
+        if len(sys.argv) > 1 and sys.argv[1] in HEAVY:
+            from angelmed.tcmalloc import reexec_with_tcmalloc
+
+            reexec_with_tcmalloc(["-m", "angelmed", *sys.argv[1:]])
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

@@ -204,8 +204,8 @@ class Experts(nn.Module):
     def forward(self, x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor) -> Tensor:
         T, k = idx_Tk.shape
         E = self.gate_proj.shape[0]
-        if T * k < E:  # decode: gather the few active experts per token; no host sync
-            return self._gathered(x_TD, idx_Tk, w_Tk)
+        if x_TD.is_cuda and T * k < E:  # GPU decode: gather the active experts' weights, no host sync
+            return self._gathered(x_TD, idx_Tk, w_Tk)  # (on CPU the copy costs more than a sync: measured)
         return self._grouped(x_TD, idx_Tk, w_Tk)
 
     def _gathered(self, x_TD, idx_Tk, w_Tk):
