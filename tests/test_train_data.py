@@ -1,32 +1,11 @@
-"""The built-in data stand-in: chat masks, CPT packing (EOD, eod-mask, segments), SFT packing (per-sample
-shift, position resets), token-share mixing, resumable state."""
+"""Training-side data glue: byte tokenizer chat masks, held-out split, rank slicing, source spec checks, and
+real batches from angelmed.data through build_batches."""
 
-import json
-
+import pytest
 import torch
 
-from angelmed.train.data import ByteTokenizer, CPTPacker, SFTPacker, TokenMix, TokenStream
-
-X = -100
-
-
-class ListSource:
-    """A resumable list of (ids, mask) items."""
-
-    def __init__(self, items):
-        self.items, self.pos = items, 0
-
-    def __next__(self):
-        if self.pos >= len(self.items):
-            raise StopIteration
-        self.pos += 1
-        return self.items[self.pos - 1]
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
+from angelmed.train.config import load_config
+from angelmed.train.data import ByteTokenizer, DataError, RankSlice, build_batches, in_heldout, source_specs
 
 
 def b(text):
@@ -43,93 +22,64 @@ def test_chat_mask_hand_built():
               (b("<role>HUMAN</role>Hi") + [RE], 0), (b("<role>ASSISTANT</role>"), 0), (b("Hello!") + [RE], 1),
               (b("<role>HUMAN</role>Pain?") + [RE], 0), (b("<role>ASSISTANT</role>"), 0),
               (b("See a doctor.") + [RE], 1)]
-    want_ids = [t for p, _ in pieces for t in p]
-    want_mask = [m for p, m in pieces for _ in p]
     ids, mask = tok.encode_chat(msgs)
-    assert ids == want_ids and mask == want_mask
-    assert sum(mask) == len("Hello!") + 1 + len("See a doctor.") + 1
+    assert ids == [t for p, _ in pieces for t in p]
+    assert [int(m) for m in mask] == [m for p, m in pieces for _ in p]
     _, last = tok.encode_chat(msgs, only_last_assistant=True)
-    assert sum(last) == len("See a doctor.") + 1 and last[-1] == 1
+    assert sum(last) == len("See a doctor.") + 1 and last[-1]
+    gen, _ = tok.encode_chat(msgs[:2], add_generation_prompt=True)
+    assert gen[-len(b("<role>ASSISTANT</role>")):] == b("<role>ASSISTANT</role>")
 
 
-def test_cpt_packing_windows_eod_and_segments():
-    EOD = 99
-    src = ListSource([([1, 2, 3], None), ([4, 5], None), ([6, 7, 8, 9], None)])
-    p = CPTPacker(src, EOD, seq_len=4, rows=2, eod_mask_loss=True, reset_position_ids=False)
-    batch = next(p)
-    # stream: 1 2 3 E 4 5 E 6 7 8 9 E ; windows of 5 sharing one token: [1 2 3 E 4] [4 5 E 6 7]
-    assert batch["input_ids"].tolist() == [[1, 2, 3, EOD], [4, 5, EOD, 6]]
-    assert batch["labels"].tolist() == [[2, 3, EOD, X], [5, EOD, X, 7]]  # no loss where the input is EOD
-    assert batch["segment_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3]] * 2
-    src2 = ListSource([([1, 2, 3], None), ([4, 5], None)])
-    r = next(CPTPacker(src2, EOD, 4, 1, eod_mask_loss=False, reset_position_ids=True))
-    assert r["labels"].tolist() == [[2, 3, EOD, 4]] and r["position_ids"].tolist() == [[0, 1, 2, 3]]
-    src3 = ListSource([([1, 2], None), ([4, 5, 6], None)])
-    r = next(CPTPacker(src3, EOD, 4, 1, eod_mask_loss=True, reset_position_ids=True))
-    assert r["position_ids"].tolist() == [[0, 1, 2, 0]] and r["segment_ids"].tolist() == [[0, 0, 0, 1]]
+def test_heldout_split_is_stable_and_sized():
+    ids = [f"doc-{i}" for i in range(20000)]
+    held = [i for i in ids if in_heldout(i, 0.05)]
+    assert abs(len(held) / len(ids) - 0.05) < 0.01
+    assert held == [i for i in ids if in_heldout(i, 0.05)]
+    assert not any(in_heldout(i, 0.0) for i in ids)
 
 
-def test_sft_packing_shift_reset_and_padding():
-    a = ([10, 11, 12, 13], [0, 0, 1, 1])
-    c = ([20, 21, 22], [0, 1, 1])
-    p = SFTPacker(ListSource([a, c]), pad_id=0, seq_len=8, rows=1, pack_buffer=2)
-    row = next(p)
-    # per-sample shift: a -> in [10,11,12] lab [X,12,13]; c -> in [20,21] lab [21,22]; longest first
-    assert row["input_ids"].tolist() == [[10, 11, 12, 20, 21, 0, 0, 0]]
-    assert row["labels"].tolist() == [[X, 12, 13, 21, 22, X, X, X]]
-    assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
-    assert row["segment_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
+def test_rank_slice_partitions_rows():
+    class Two:
+        def __next__(self):
+            return {"input_ids": torch.arange(8).view(4, 2)}
+
+        def state_dict(self):
+            return {"x": 1}
+
+    r0, r1 = next(RankSlice(Two(), 0, 2)), next(RankSlice(Two(), 1, 2))
+    assert torch.equal(torch.cat([r0["input_ids"], r1["input_ids"]]), torch.arange(8).view(4, 2))
 
 
-def test_sft_truncation_counted():
-    long = (list(range(1, 21)), [0] * 5 + [1] * 15)
-    p = SFTPacker(ListSource([long]), pad_id=0, seq_len=8, rows=1, pack_buffer=4)
-    row = next(p)
-    assert row["input_ids"].tolist() == [list(range(1, 9))] and p.truncated == 1
+def test_source_specs_errors_name_the_problem():
+    assert source_specs([{"spec": "medquad"}, {"spec": "x.jsonl", "weight": 2}]) == [("medquad", 1.0), ("x.jsonl", 2.0)]
+    with pytest.raises(DataError, match=r"sources\[0\].*'kind'"):
+        source_specs([{"kind": "medquad"}])
+    with pytest.raises(DataError, match="weight"):
+        source_specs([{"spec": "medquad", "weight": 0}])
+    with pytest.raises(DataError, match="empty"):
+        source_specs([])
 
 
-def test_packer_state_resumes_exactly():
-    items = [(list(range(i, i + 7)), None) for i in range(0, 200, 7)]
-    p = CPTPacker(ListSource(items), 999, seq_len=5, rows=2, eod_mask_loss=True, reset_position_ids=False)
-    next(p)
-    state = json.loads(json.dumps(p.state_dict()))  # plain data
-    want = [next(p) for _ in range(3)]
-    q = CPTPacker(ListSource(items), 999, seq_len=5, rows=2, eod_mask_loss=True, reset_position_ids=False)
-    q.load_state_dict(state)
+def test_cpt_batches_from_medquad_split_and_resume(data_dir):
+    cfg = load_config("cpt", None, ["--data.data_root", str(data_dir), "--data.sources", "[{spec: medquad}]",
+                                    "--data.seq_len", "32", "--data.micro_batch_size", "2",
+                                    "--data.heldout_fraction", "0.5"])
+    tok = ByteTokenizer(512)
+    train, held = build_batches(cfg, tok, "train", 0, 1), build_batches(cfg, tok, "heldout", 0, 1)
+    a, h = next(train), next(held)
+    assert a["input_ids"].shape == (2, 32) and set(a) >= {"input_ids", "labels", "position_ids", "segment_ids"}
+    assert not torch.equal(a["input_ids"], h["input_ids"])  # disjoint halves of the records
+    state = train.state_dict()
+    want = [next(train) for _ in range(2)]
+    again = build_batches(cfg, tok, "train", 0, 1)
+    again.load_state_dict(state)
     for w in want:
-        got = next(q)
+        got = next(again)
         assert all(torch.equal(w[k], got[k]) for k in w)
 
 
-def test_token_mix_follows_token_shares(tmp_path):
-    tok = ByteTokenizer(512)
-    for name, n in (("a", 300), ("b", 300)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": name * 10}) + "\n" for _ in range(n)))
-    streams = [TokenStream({"kind": "jsonl", "path": str(tmp_path / f"{n}.jsonl")}, "cpt", "train", None, 0.0, tok)
-               for n in ("a", "b")]
-    mix = TokenMix(streams, [3.0, 1.0])
-    firsts = [next(mix)[0][0] for _ in range(400)]
-    share_a = firsts.count(ord("a")) / len(firsts)
-    assert abs(share_a - 0.75) < 0.01
-    state = mix.state_dict()
-    nxt = [next(mix)[0][0] for _ in range(20)]
-    streams2 = [TokenStream({"kind": "jsonl", "path": str(tmp_path / f"{n}.jsonl")}, "cpt", "train", None, 0.0, tok)
-                for n in ("a", "b")]
-    mix2 = TokenMix(streams2, [3.0, 1.0])
-    mix2.load_state_dict(state)
-    assert [next(mix2)[0][0] for _ in range(20)] == nxt
-
-
-def test_bad_records_are_counted(tmp_path):
-    f = tmp_path / "x.jsonl"
-    f.write_text('{"text": "ok"}\nnot json\n{"other": 1}\n{"text": "fine"}\n')
-    s = TokenStream({"kind": "jsonl", "path": str(f)}, "cpt", "train", None, 0.0, ByteTokenizer(512), repeat=False)
-    got = []
-    while True:
-        try:
-            got.append(next(s)[0])
-        except StopIteration:
-            break
-    assert got == [b("ok"), b("fine")] and sum(s.skips.counts.values()) == 2
-    assert any("x.jsonl:2" in w for w in s.skips.examples.values())
+def test_eval_only_source_refused(data_dir):
+    cfg = load_config("sft", None, ["--data.data_root", str(data_dir), "--data.sources", "[{spec: healthbench_subset245}]"])
+    with pytest.raises(PermissionError):
+        build_batches(cfg, ByteTokenizer(512), "train", 0, 1)

@@ -52,4 +52,9 @@ def test_two_ranks_match_one_process(tmp_path, data_dir):
         if k.endswith("expert_bias"):
             assert torch.equal(ws[k], wm[k]), k  # same all-reduced loads -> the same sign updates
         else:
-            torch.testing.assert_close(ws[k], wm[k], rtol=0, atol=1e-5, msg=k)
+            # Adam divides by sqrt(v): on the rare elements whose gradient is ~0, summation-order noise in the
+            # gradient (~1e-9) changes the step by up to ~lr. So: nearly all elements within 1e-5, none beyond
+            # the Adam step bound.
+            diff = (ws[k] - wm[k]).abs()
+            assert (diff > 1e-5).float().mean() < 1e-3, k
+            assert diff.max() < 4 * 3e-3, k

@@ -88,8 +88,8 @@ def test_sft_loss_is_on_assistant_tokens_only(tmp_path):
     f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in _conversations()))
     run = tmp_path / "sft"
     cfg = load_config("sft", None, [
-        "--data.sources", f"[{{kind: jsonl, path: {f}}}]", "--data.seq_len", "320", "--data.micro_batch_size", "1",
-        "--data.pack_buffer", "2", "--data.heldout_fraction", "0", "--train.steps", "1", "--train.run_dir", str(run),
+        "--data.sources", f"[{{spec: {f}}}]", "--data.seq_len", "320", "--data.micro_batch_size", "1",
+        "--data.heldout_fraction", "0", "--train.steps", "1", "--train.run_dir", str(run),
         "--train.progress", "false", "--train.tensorboard", "false", "--train.threads", "1",
         "--train.peak_flops", "1e9", "--train.eval_batches", "0"])
     sft.run(cfg)
@@ -117,8 +117,8 @@ def test_sft_only_last_assistant(tmp_path):
     f.write_text(json.dumps({"messages": _conversations()[0]}) + "\n")
     run = tmp_path / "sft_last"
     cfg = load_config("sft", None, [
-        "--data.sources", f"[{{kind: jsonl, path: {f}}}]", "--data.seq_len", "256", "--data.micro_batch_size", "1",
-        "--data.pack_buffer", "1", "--data.heldout_fraction", "0", "--data.only_last_assistant", "true",
+        "--data.sources", f"[{{spec: {f}}}]", "--data.seq_len", "256", "--data.micro_batch_size", "1",
+        "--data.heldout_fraction", "0", "--data.only_last_assistant", "true",
         "--train.steps", "1", "--train.run_dir", str(run), "--train.progress", "false",
         "--train.tensorboard", "false", "--train.peak_flops", "1e9", "--train.eval_batches", "0"])
     sft.run(cfg)
