@@ -4,8 +4,9 @@ the same weights, on the same batches (batch size, sequence length), same AdamW 
     python benchmarks/bench_train.py [--presets small base-100m] [--batch 8] [--seq-len 256] [--steps 3]
 
 Ours is the real `angelmed.train.loop.Trainer` step (loss, backward, clipping, expert-bias update, AdamW,
-metrics); its tokens/s is read from the run's metrics.jsonl (median of the timed steps). The peer step is
-forward with labels -> backward -> clip -> AdamW step -> zero_grad. Both models are fp32 and have no MTP layer
+metrics, fused AdamW); its tokens/s is read from the run's metrics.jsonl (median of the timed steps). The peer step is
+forward with labels -> backward -> clip -> AdamW step (fused too, so the optimizer is not what is compared) ->
+zero_grad. Both models are fp32 and have no MTP layer
 (the HF class has none), z-loss off. Tokens/s is the best timed step of `--rounds` alternating rounds. MFU = (FLOPs/token x tokens/s) / this machine's measured matmul rate.
 The first-step losses of both are compared to prove the same weights and batches. Last line: JSON.
 """
@@ -82,7 +83,7 @@ def run_hf(preset: str, batches, warmup: int, lr: float) -> tuple[list[float], f
     decay = [p for p in peer.parameters() if p.dim() >= 2]
     rest = [p for p in peer.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)  # as our loop uses
     times, first = [], None
     for b in batches:
         t0 = time.perf_counter()
