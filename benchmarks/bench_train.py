@@ -124,8 +124,6 @@ def bench(preset: str, batch: int, seq_len: int, steps: int, warmup: int, rounds
                       "ratio": round(statistics.median(ours_all) / statistics.median(hf_all), 3)},
            "ours_mfu": round(fpt * ours_tok_s / peak, 4),
            "hf_mfu": round(fpt * hf_tok_s / peak, 4), "first_step_loss": {"ours": ours_loss, "hf": hf_loss}}
-    print(f"{preset:<10} B={batch} T={seq_len}: ours {ours_tok_s:8.0f} tok/s (MFU {res['ours_mfu']:.1%}) | "
-          f"transformers {hf_tok_s:8.0f} tok/s (MFU {res['hf_mfu']:.1%}) | x{res['ratio']:.2f}", flush=True)
     return res
 
 
@@ -152,6 +150,10 @@ def main() -> None:
         for r in results:
             r["ours_mfu"], r["hf_mfu"] = round(r["ours_mfu"] * peak / after, 4), round(r["hf_mfu"] * peak / after, 4)
         peak = after
+    for r in results:
+        print(f"{r['preset']:<10} B={r['batch']} T={r['seq_len']}: ours {r['ours_tokens_per_s']:8.0f} tok/s "
+              f"(MFU {r['ours_mfu']:.1%}) | transformers {r['hf_tokens_per_s']:8.0f} tok/s (MFU {r['hf_mfu']:.1%}) "
+              f"| x{r['ratio']:.2f} (medians x{r['median']['ratio']:.2f})", flush=True)
     ratios = [r["ratio"] for r in results]
     emit({"benchmark": "train_cpt_tokens_per_s", "device": "cpu", "threads": torch.get_num_threads(),
           "tcmalloc": "tcmalloc" in os.environ.get("LD_PRELOAD", ""), "matmul_flops": peak, "results": results,
