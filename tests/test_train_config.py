@@ -15,10 +15,10 @@ def write(tmp_path, text):
 def test_yaml_and_overrides_resolve_with_types(tmp_path):
     p = write(tmp_path, "stage: cpt\noptim:\n  lr: 1e-3\n  warmup_steps: 3\ntrain:\n  steps: 7\n")
     cfg = load_config("cpt", p, ["--optim.lr", "5e-4", "--train.grad_accum=2", "--data.sources",
-                                 "[{kind: medquad}]", "--loss.mtp_weight_schedule", "[[0, 0.3], [100, 0.1]]"])
+                                 "[{spec: medquad}]", "--loss.mtp_weight_schedule", "[[0, 0.3], [100, 0.1]]"])
     assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)  # '1e-3' YAML string accepted as float
     assert cfg.optim.warmup_steps == 3 and cfg.train.steps == 7 and cfg.train.grad_accum == 2
-    assert cfg.data.sources == [{"kind": "medquad"}]
+    assert cfg.data.sources == [{"spec": "medquad"}]
     assert cfg.loss.mtp_weight_schedule == [[0.0, 0.3], [100.0, 0.1]]
     assert cfg.data.seq_len == 128  # untouched default
 

@@ -6,7 +6,7 @@ import torch
 
 from angelmed.model import RouterInfo
 from angelmed.train.config import OptimSection
-from angelmed.train.losses import (ce_sum, loss_token_counts, mtp_targets, mtp_weight_at, router_z_loss,
+from angelmed.train.losses import (ce_sum, doc_segments, loss_token_counts, mtp_targets, mtp_weight_at, router_z_loss,
                                    seq_balance_loss)
 from angelmed.train.optim import lr_factor
 
@@ -23,7 +23,7 @@ def test_mtp_targets_same_row_same_segment():
     # k=2: t=2 -> labels[4]=15 is in segment 1 -> excluded
     assert mtp_targets(labels, seg, 2).tolist() == [[13, X, X, X, X, X], [23, 24, 25, 26, X, X]]
     assert mtp_targets(labels, None, 2)[0].tolist() == [13, X, 15, 16, X, X]
-    counts = loss_token_counts({"labels": labels, "segment_ids": seg}, 2)
+    counts = loss_token_counts(labels, seg, 2)
     assert counts.tolist() == [11, 8, 5]
 
 
@@ -71,3 +71,10 @@ def test_lr_schedules():
     g = [lr_factor(s, 8, w) for s in range(8)]
     assert g == [1, 1, 1, 1, 1, 1, 0.5, 0.0]
     assert lr_factor(50, 100, OptimSection(schedule="constant")) == 1.0
+
+
+def test_doc_segments_from_eod():
+    E = 9
+    ids = torch.tensor([[1, 2, E, 3, 4, E, E, 5]])
+    # an EOD belongs to the document it ends
+    assert doc_segments(ids, E).tolist() == [[0, 0, 0, 1, 1, 1, 2, 3]]

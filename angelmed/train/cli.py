@@ -1,7 +1,8 @@
 """`angelmed train STAGE --config FILE [--section.key value ...]`.
 
 STAGES is the dispatch table: stage name -> (module, function taking the remaining argv, help line).
-Other stages (grpo, draft) add one line here.
+Other stages (grpo, draft) add one line here. tcmalloc: `angelmed train ...` is re-executed under it by
+the top-level CLI (angelmed/cli.py, angelmed/tcmalloc.py).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-
-from angelmed.train.runtime import reexec_with_tcmalloc
 
 STAGES: dict[str, tuple[str, str, str]] = {
     "cpt": ("angelmed.train.cpt", "main", "continual pre-training on packed documents (MTP, expert-bias balance)"),
@@ -55,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"angelmed train: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    reexec_with_tcmalloc(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     module, func, _ = STAGES[stage]
     from angelmed.train.config import RunConfigError

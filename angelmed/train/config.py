@@ -33,14 +33,15 @@ class ModelSection:
 class DataSection:
     data_root: str | None = None  # default: $ANGELMED_DATA_ROOT
     tokenizer: str = "byte"  # "byte" (built-in byte-level stand-in) or a tokenizer directory
-    sources: list[dict[str, Any]] = field(default_factory=list)  # [{kind, weight, ...}]; see train/data.py
+    sources: list[dict[str, Any]] = field(default_factory=list)  # [{spec, weight}]; see train/data.py
     heldout_fraction: float = 0.02  # documents/samples routed to the held-out split (by stable hash)
     seq_len: int = 128
     micro_batch_size: int = 4  # rows per rank per micro-batch
     eod_mask_loss: bool = True  # CPT: no loss where the *input* token is EOD (Ling/Megatron)
     reset_position_ids: bool = False  # CPT: per-document positions + document attention (SFT: always)
     only_last_assistant: bool = False  # SFT: loss on the last assistant turn only
-    pack_buffer: int = 64  # SFT: samples per best-fit-decreasing packing round
+    packing: str = "bfd"  # SFT: bfd (truncate overflow) | bfd_split | wrapped
+    pack_buffer: int = 256  # SFT: samples packed together per round
     seed: int = 0
 
 
@@ -277,6 +278,7 @@ def validate(cfg: RunConfig) -> None:
     need(d.seq_len >= 2, f"data.seq_len must be >= 2, got {d.seq_len}")
     need(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
     need(0 <= d.heldout_fraction < 1, f"data.heldout_fraction must be in [0, 1), got {d.heldout_fraction}")
+    need(d.packing in ("bfd", "bfd_split", "wrapped"), f"data.packing: expected bfd|bfd_split|wrapped, got {d.packing!r}")
     need(0 <= o.warmup_steps, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 < o.decay_fraction <= 1, f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
     need(cfg.balance.bias_update_rate >= 0, f"balance.bias_update_rate must be >= 0, got {cfg.balance.bias_update_rate}")

@@ -76,10 +76,13 @@ def _full(t: Tensor) -> Tensor:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, make_batches: MakeBatches, use_segments: bool, tokenizer=None,
-                 on_step_end: Callable[[int, dict], None] | None = None):
-        """use_segments: pass segment_ids to the model (attention stays inside each packed document/sample)."""
+                 on_step_end: Callable[[int, dict], None] | None = None,
+                 mtp_segments: Callable[[dict[str, Tensor]], Tensor] | None = None):
+        """use_segments: pass segment_ids to the model (attention stays inside each packed document/sample).
+        mtp_segments: batch -> [B,T] ids of the documents MTP targets must not cross (default: segment_ids)."""
         self.cfg, self.make_batches, self.use_segments = cfg, make_batches, use_segments
         self.tokenizer, self.on_step_end = tokenizer, on_step_end
+        self.mtp_segments = mtp_segments or (lambda b: b.get("segment_ids"))
 
     # ---- set-up ----------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -153,7 +156,8 @@ class Trainer:
         accum, world = cfg.train.grad_accum, info.world_size
         micro = [self._to_device(next(self.batches)) for _ in range(accum)]
         depth = self.depth if self.use_mtp else 0
-        counts = tdist.all_reduce_sum(sum(loss_token_counts(b, depth) for b in micro))
+        segs = [self.mtp_segments(b) if depth else None for b in micro]
+        counts = tdist.all_reduce_sum(sum(loss_token_counts(b["labels"], s, depth) for b, s in zip(micro, segs)))
         denom = counts.clamp(min=1).tolist()
         rows = sum(b["input_ids"].shape[0] for b in micro) * world
         lam = mtp_weight_at(step, cfg.loss.mtp_weight, cfg.loss.mtp_weight_schedule)
@@ -168,7 +172,7 @@ class Trainer:
             loss = lm
             parts[0] += lm.item()
             for k in range(1, depth + 1):
-                lk = ce_sum(out.mtp_logits[k - 1], mtp_targets(b["labels"], b.get("segment_ids"), k)) / denom[k]
+                lk = ce_sum(out.mtp_logits[k - 1], mtp_targets(b["labels"], segs[i], k)) / denom[k]
                 loss = loss + (lam / depth) * lk
                 parts[k] += lk.item()
             if zc > 0 and out.router:
@@ -312,5 +316,6 @@ class Trainer:
 
 
 def run_stage(cfg: RunConfig, make_batches: MakeBatches, use_segments: bool, tokenizer=None,
-              on_step_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    return Trainer(cfg, make_batches, use_segments, tokenizer, on_step_end).run()
+              on_step_end: Callable[[int, dict], None] | None = None,
+              mtp_segments: Callable[[dict[str, Tensor]], Tensor] | None = None) -> dict[str, Any]:
+    return Trainer(cfg, make_batches, use_segments, tokenizer, on_step_end, mtp_segments).run()

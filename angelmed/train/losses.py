@@ -41,9 +41,15 @@ def mtp_targets(labels_BT: Tensor, segment_BT: Tensor | None, k: int) -> Tensor:
     return out
 
 
-def loss_token_counts(batch: dict[str, Tensor], mtp_depth: int) -> Tensor:
+def doc_segments(ids_BT: Tensor, eod_id: int) -> Tensor:
+    """Document ids inside packed CPT rows from the EOD separators (an EOD belongs to the document it ends),
+    so MTP targets never cross documents even when positions and attention run across them (Ling default)."""
+    is_eod = (ids_BT == eod_id).long()
+    return is_eod.cumsum(1) - is_eod
+
+
+def loss_token_counts(labels: Tensor, seg: Tensor | None, mtp_depth: int) -> Tensor:
     """[1 + D] loss-token counts of one micro-batch: main head, then each MTP depth."""
-    labels, seg = batch["labels"], batch.get("segment_ids")
     counts = [(labels != IGNORE).sum()]
     counts += [(mtp_targets(labels, seg, k) != IGNORE).sum() for k in range(1, mtp_depth + 1)]
     return torch.stack(counts).to(torch.float64)
