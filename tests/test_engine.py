@@ -280,3 +280,11 @@ def test_backends_chat_and_loglik(tmp_path, model):
             want = sum(lsm[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
             assert abs(g - want) < 1e-4
     assert ll.tokenizer is tok
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager(model):
+    ps = prompts(2, seed=9)
+    eng = Engine(model, max_batch=2, max_seq_len=64, compile=True)
+    res = eng.generate([GenerationRequest(p, max_tokens=8, stop_ids=[]) for p in ps])
+    assert [r.token_ids for r in res] == [greedy_ref(model, p, 8) for p in ps]

@@ -222,3 +222,78 @@ def test_api_key_queue_full_and_safety_layer(tiny_dir, monkeypatch):
         assert h1.result(10).finish_reason == h2.result(10).finish_reason == "cancelled"
         r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
+
+
+def test_shutdown_drains_running_streams(tiny_dir):
+    model = load_model(tiny_dir, dtype="float32")
+    tok = make_tokenizer()
+    engine = Engine(model, tokenizer=tok, max_batch=2, max_seq_len=4096)
+    app = create_app(engine, tok, ServerConfig(served_model_name=MODEL, safety=False, sampling_defaults={}))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}"
+    with httpx.stream("POST", url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": MSGS, "max_tokens": 300, "temperature": 0, "stream": True}) as resp:
+        it = resp.iter_lines()
+        next(it)
+        server.should_exit = True  # what SIGTERM does: stop accepting, let open responses finish
+        lines = [ln for ln in it if ln]
+    assert lines[-1] == "data: [DONE]"
+    finish = [json.loads(ln[6:])["choices"][0]["finish_reason"] for ln in lines[:-1]]
+    assert finish[-1] == "length"
+    thread.join(timeout=20)
+    assert not thread.is_alive() and not engine.running
+    assert engine.metrics.requests_finished == 1 and engine.metrics.requests_cancelled == 0
+
+
+def test_cli_prints_vllm_and_sglang_commands(tiny_dir, capsys):
+    from angelmed.serve.cli import main
+
+    assert main([str(tiny_dir), "--backend", "vllm", "--served-model-name", "AntAngelMed", "--port", "9000",
+                 "--max-seq-len", "4096", "--api-key", "s3cret"]) == 0
+    out = capsys.readouterr()
+    cmd = out.out.strip().split()
+    assert cmd[:3] == ["vllm", "serve", str(tiny_dir.resolve())] and "--trust-remote-code" in cmd
+    assert cmd[cmd.index("--served-model-name") + 1] == "AntAngelMed" and cmd[cmd.index("--port") + 1] == "9000"
+    assert cmd[cmd.index("--max-model-len") + 1] == "4096" and "s3cret" not in out.out
+    assert "trust-remote-code needs them" in out.err  # the tiny dir has no remote-code modules
+    assert main([str(tiny_dir), "--backend", "sglang", "--draft", "mtp", "--spec-tokens", "2"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[:3] == ["python", "-m", "sglang.launch_server"] and "--trust-remote-code" in cmd
+    assert cmd[cmd.index("--model-path") + 1] == str(tiny_dir.resolve())
+    assert cmd[cmd.index("--speculative-algorithm") + 1] == "NEXTN"
+    assert cmd[cmd.index("--speculative-num-draft-tokens") + 1] == "3"
+    assert main([str(tiny_dir), "--print-only"]) == 0 and "native server" in capsys.readouterr().out
+
+
+def test_terminal_chat_streams_with_advisory(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    model = tiny_model(0)
+    with torch.no_grad():  # speak lowercase letters, so the streamed reply is visible text
+        keep = model.lm_head.weight[97:123] * 20
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[97:123] = keep
+    tiny_dir = save_model(model, tmp_path / "letters")
+
+    import angelmed.infer.backends as backends
+    from angelmed.serve.cli import chat
+
+    monkeypatch.setattr(backends, "load_tokenizer", lambda d: make_tokenizer())
+    answers = iter(["Is 39C a fever?", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda *a: next(answers))
+    assert chat([str(tiny_dir), "--max-tokens", "5", "--temperature", "0", "--no-safety",
+                 "--max-seq-len", "256"]) == 0
+    out = capsys.readouterr().out
+    tok = make_tokenizer()
+    ids = tok.encode(tok.render_chat([{"role": "user", "content": "Is 39C a fever?"}], add_generation_prompt=True))
+    # chat uses the recommended defaults (spec §11) for what it is not told: repetition_penalty 1.05
+    eng = Engine(load_model(tiny_dir, dtype="float32"), tokenizer=tok, max_batch=1, max_seq_len=256)
+    reply = eng.generate([GenerationRequest(ids, max_tokens=5, repetition_penalty=1.05)])[0].text
+    assert "Medical advisory" in out and "angelmed>" in out
+    shown = "".join(ch for ch in reply if ch.isprintable() and ch != "\ufffd")
+    assert shown and shown in out
