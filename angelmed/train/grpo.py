@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -94,6 +95,11 @@ class GRPOTrainer(Trainer):
                                g.max_prompt_length, d.heldout_fraction)
 
     # ---- set-up ----------------------------------------------------------------------------------------
+    def prepare_model(self, model: Transformer) -> None:
+        """The MTP loss is off in RL: MTP layers are frozen (no optimizer state, no weight decay), kept as loaded."""
+        for layer in list(model.model.layers)[model.config.num_hidden_layers:]:
+            layer.requires_grad_(False)
+
     def _setup(self) -> None:
         super()._setup()
         if self.info.world_size > 1:
@@ -245,7 +251,9 @@ class GRPOTrainer(Trainer):
         else:  # every group had zero reward variance: nothing to learn from this batch
             rec.update({"loss": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped_update": True})
             self.balancer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update: the LR schedule still follows the step count
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         rec["lr"] = self.optimizer.param_groups[0]["lr"]
         rec["train_time_s"] = time.perf_counter() - t1
         return rec

@@ -93,6 +93,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.run_dir = Path(t.run_dir)
         model = build_model(cfg.model).to(info.device)
+        self.prepare_model(model)
         self.mcfg: ModelConfig = model.config
         self.fsdp = info.world_size > 1 or t.precision == "bf16"
         if self.fsdp:
@@ -127,6 +128,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
             self.writer = MetricsWriter(self.run_dir, t.tensorboard, self.start_step if resume else None)
+
+    def prepare_model(self, model: Transformer) -> None:
+        """Hook before sharding and optimizer construction (GRPO freezes the MTP layers it does not train)."""
 
     def _heldout_batches(self) -> list[dict[str, Tensor]]:
         n = self.cfg.train.eval_batches
