@@ -299,3 +299,51 @@ def test_cli_runs_the_tiny_config(tmp_path):
     assert rc == 0
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 1
+
+
+# ---- truncation, overlong, aggregation modes, bf16 rollout copy ------------------------------------------
+def test_truncated_completions_masked_and_overlong_penalised(tmp_path):
+    tr = set_up(tiny_cfg(tmp_path, mask_truncated_completions=True, overlong_penalty=True, overlong_buffer=8))
+    ro = tr.rollout(0)
+    kept = ro["kept"]
+    lengths = torch.tensor([len(c.completion_ids) for c in kept], dtype=torch.float32)
+    # DAPO soft punishment with L_max 16, buffer 8: -(len - 8) / 8 beyond 8 tokens, -1 at 16
+    expected = -((lengths - 8).clamp(min=0) / 8).clamp(max=1)
+    assert torch.allclose(ro["per"]["overlong"], expected)
+    assert torch.allclose(ro["total"], ro["per"]["low_id_share"] + expected)
+    adv = tr.advantages(ro["total"], ro["per"])
+    rec = tr._update(kept, adv)
+    assert rec["active_tokens"] == sum(len(c.completion_ids) for c in kept if not c.truncated)
+
+
+def test_normalize_then_sum_and_seq_mis_run(tmp_path):
+    def half(prompts, completions, completion_ids, **kw):
+        return [None if i % 3 == 0 else float(ids[0] % 2) for i, ids in enumerate(completion_ids)]
+
+    cfg = tiny_cfg(tmp_path, reward_aggregation="normalize_then_sum", rollout_correction="seq_mis")
+    tr = set_up(cfg, [low_id_share, ("half", half, 0.5)])
+    rec = tr.train_step(0)
+    assert rec["reward/half/none_frac"] == pytest.approx(11 / 32)
+    assert rec["rollout_masked_frac"] == 0.0  # fp32 rollout = training forward: no sequence leaves [1/2, 2]
+    assert rec["advantage_std"] == pytest.approx(1.0, abs=0.05)  # GDPO normalises over the batch
+
+
+def test_bf16_training_rolls_out_from_a_synced_copy(tmp_path):
+    from angelmed.train import dist as tdist
+
+    cfg = tiny_cfg(tmp_path)
+    cfg.train.precision = "bf16"
+    tr = set_up(cfg)
+    try:
+        assert tr.rollout_model is not tr.model
+        assert next(tr.rollout_model.parameters()).dtype == torch.bfloat16
+        rec = tr.train_step(0)
+        tr._sync_rollout_weights()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        master = get_model_state_dict(tr.model, options=StateDictOptions(full_state_dict=True))
+        copy = tr.rollout_model.state_dict()
+        assert all(torch.equal(copy[k], v.to(copy[k].dtype)) for k, v in master.items())
+        assert abs(rec["ratio_mean"] - 1) < 0.05 and rec["routing_disagree"] < 0.1
+    finally:
+        tdist.cleanup(tr.info)

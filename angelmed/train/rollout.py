@@ -153,7 +153,7 @@ def collate(completions: list[Completion], device: torch.device, num_moe_layers:
 
 def policy_logprobs(model, batch: TrainBatch, temperature: float = 1.0, replay: bool = True,
                     entropy: bool = False) -> tuple[Tensor, Tensor | None, Any]:
-    """(log pi(completion token) [B,L] in fp32, mean-free token entropy [B,L] or None, ModelOutput).
+    """(log pi(completion token) [B,L] in fp32, per-token entropy [B,L] (no grad) or None, ModelOutput).
 
     One forward over prompt+completion; logits only at completion positions (the lm_head over the prompt
     would be wasted work). Logits are divided by the sampling temperature, as the tokens were drawn from it.
