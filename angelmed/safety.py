@@ -239,10 +239,10 @@ DEFAULT_RULES: tuple[RedFlagRule, ...] = (
             r"\btook (?:too many|too much|a whole (?:bottle|pack\w*|box)|an entire (?:bottle|pack\w*|box)|all (?:my|his|her|their|the) (?:pills|tablets|medication))\b",
             r"\b(?:swallowed|drank|ate|ingested)\b(?: \w+){0,2} (?:bleach|antifreeze|drain cleaner|detergent pods?|laundry pods?|button batter\w*|batter(?:y|ies)|rat poison|pesticide|weed ?killer|lighter fluid|gasoline|lamp oil|cleaning (?:product|fluid))\b",
             r"\bpoison(?:ed|ing)\b|\bcarbon monoxide\b",
-            r"吃了(?:一|整)(?:整)?(?:瓶|盒|板)|吃了(?:很多|太多|好多|一大把)(?:片|粒)?药|(?:药|安眠药|退烧药|止痛药)吃(?:多|过量)了|服药过量|过量服(?:用|药)|吃药过量",
+            r"吃了(?:一整|整|一)瓶|吃了(?:一整|整)(?:盒|板)|吃了(?:很多|太多|好多|一大把)(?:片|粒)?药|(?:药|安眠药|退烧药|止痛药)吃(?:多|过量)了|服药过量|过量服(?:用|药)|吃药过量",
             r"误服|误食|喝了(?:农药|百草枯|消毒液|84消毒液|洗洁精|洁厕灵)|吞了(?:电池|纽扣电池|磁铁)|中毒|一氧化碳|煤气",
         ),
-        exclude=(r"\bfood poisoning\b|\bpoison ivy\b|\bpoison oak\b", r"食物中毒"),
+        exclude=(r"\b(?:food|lead) poisoning\b|\bpoison ivy\b|\bpoison oak\b", r"食物中毒|酸中毒|感染中毒|中毒性|中毒症状"),
     ),
     RedFlagRule(
         "infant_fever",
@@ -300,6 +300,7 @@ DEFAULT_RULES: tuple[RedFlagRule, ...] = (
             ),
         ),
         exclude=(
+            r"\b(?:get|getting|become|becoming|got) pregnant\b|\btrying to conceive\b|"
             r"\bbleeding gums\b|\bgums? (?:are |is )?bleed\w*|\bnose ?bleed\w*|\bnose is bleeding\b"
             r"|\bblood (?:pressure|tests?|sugar|work|type|glucose|group|count)\b",
             r"牙龈出血|鼻出血|流鼻血|血压|验血|血糖|抽血",
@@ -375,7 +376,9 @@ _GENERIC_WEAK = re.compile(
     r"\bwhat (?:are|is) (?:the )?(?:common |typical |usual |warning |early |main )?(?:signs?|symptoms?|causes?|risk factors?)\b"
     r"|\b(?:warning )?signs of\b|\bsymptoms of\b|\bhow (?:do|can|would|should|to) (?:you |one |we |people )?(?:recogni[sz]e|tell|spot|identify|know)\b"
     r"|\bwhat is (?:an? )?\w+\??$|\bwhat causes\b|\bwhat happens if\b|\bwhat would happen\b"
-    r"|有哪些症状|什么症状|的症状|症状(?:是什么|有哪些)|是什么|怎么(?:识别|判断|预防)|如何(?:识别|判断|预防)|哪些表现|有什么表现",
+    r"|\b(?:incidence|prevalence|prognosis|differential diagnosis|pathophysiology|epidemiology)\b"
+    r"|有哪些症状|什么症状|的症状|症状(?:是什么|有哪些)|是什么|怎么(?:识别|判断|预防)|如何(?:识别|判断|预防)|哪些表现|有什么表现"
+    r"|临床表现|鉴别诊断|辅助治疗|治疗方法|的治疗|发病率|患病率|比例|宜食|饮食|护理|病因|发病机制",
     re.IGNORECASE,
 )
 _PERSONAL = re.compile(
@@ -540,24 +543,37 @@ _GUIDANCE_PATTERNS = re.compile(
     r"to\s+(?:the\s+|an\s+|your\s+)?(?:nearest\s+|closest\s+|local\s+)?(?:emergency|er\b|a&e\b|hospital)"
     r"|\b(?:seek|get|need\w*)\s+(?:immediate|emergency|urgent)\s+(?:medical\s+)?(?:care|help|attention|treatment|assessment|evaluation)"
     r"|\bemergency (?:services|department|room|medical services|number)\b|\bcrisis (?:line|lifeline|hotline|text line)\b"
-    r"|(?:拨打|打|呼叫|叫)\s*(?:120|110|999|急救电话|急救|救护车)|急诊|(?:立即|立刻|马上|尽快|赶紧|赶快)(?:就医|就诊|去医院|送医)"
+    r"|\b(?:contact|call|see|phone|ring)\s+(?:your\s+|a\s+)?(?:doctor|gp|midwife|maternity unit|obstetrician|clinician|"
+    r"paediatrician|pediatrician)\s+(?:right away|immediately|now|urgently|straight away)"
+    r"|(?:拨打|打|呼叫|叫)\s*(?:120|110|999|急救电话|急救|救护车)|急诊|(?:立即|立刻|马上|尽快|赶紧|赶快)(?:就医|就诊|去医院|送医|联系(?:医生|产科医生|儿科医生))"
     r"|送(?:往|到|去)?医院|危机干预热线|心理援助热线",
     re.IGNORECASE,
 )
 _NEG_GUIDANCE_ZH = re.compile(r"不需要|不用|无需|不必|没必要|没有必要")
 
 
-def has_urgent_guidance(reply: str) -> bool:
-    """Whether the reply tells the reader to get emergency or urgent care (and does not negate it: "no need for
-    the ER" / "不需要去急诊" do not count)."""
+_CONDITIONAL = re.compile(
+    r"\b(?:if|when|whenever|should (?:you|it|they|he|she|the \w+)|in case|unless)\b|如果|若|一旦|要是|假如|万一", re.IGNORECASE
+)
+_NOW = re.compile(r"\b(?:now|immediately|right away|right now|at once|straight away)\b|立即|立刻|马上|现在|赶紧", re.IGNORECASE)
+
+
+def has_urgent_guidance(reply: str, count_conditional: bool = True) -> bool:
+    """Whether the reply tells the reader to get emergency or urgent care. Negated advice ("no need for the ER",
+    "不需要去急诊") never counts. With count_conditional=False, advice only for a future case ("if it gets worse,
+    go to the ER") does not count either, unless the same sentence says to act now."""
     ctx = _Context(reply)
     for m in _GUIDANCE_PATTERNS.finditer(reply):
-        s0 = _enclosing(ctx.clauses, m.start())[0]
-        if is_negated(reply, m.start(), s0):
+        c0 = _enclosing(ctx.clauses, m.start())[0]
+        if is_negated(reply, m.start(), c0):
             continue
-        prefix = reply[s0:m.start()]
+        prefix = reply[c0:m.start()]
         if _NEG_GUIDANCE_ZH.search(prefix[-8:]) or re.search(r"\bno need\b|\bunnecessary\b", prefix[-30:], re.I):
             continue
+        if not count_conditional:
+            s0, s1 = ctx.segment(m.start())
+            if _CONDITIONAL.search(reply[s0:m.start()]) and not _NOW.search(reply[s0:s1]):
+                continue
         return True
     return False
 

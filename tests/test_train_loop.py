@@ -123,3 +123,17 @@ def test_sft_only_last_assistant(tmp_path):
         "--train.tensorboard", "false", "--train.peak_flops", "1e9", "--train.eval_batches", "0"])
     sft.run(cfg)
     assert metrics(run)[0]["loss_tokens"] == len("See a doctor.") + 1
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_and_bias(tmp_path, data_dir):
+    run = tmp_path / "bf16"
+    cpt.run(tiny_cpt(run, data_dir, "--train.steps", "2", "--train.precision", "bf16", "--train.eval_batches", "0",
+                     "--train.export_dtype", "bfloat16"))
+    assert all(abs(m["loss"]) < 20 for m in metrics(run))
+    ck = load_model(latest_checkpoint(run) / "model")  # FSDP2 (one rank): fp32 master weights are saved
+    assert all(t.dtype == torch.float32 for t in ck.state_dict().values())
+    assert any(b.abs().sum() > 0 for n, b in ck.state_dict().items() if n.endswith("expert_bias"))
+    exported = load_model(run / "model")
+    sd = exported.state_dict()
+    assert sd["lm_head.weight"].dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for n, b in sd.items() if n.endswith("expert_bias"))

@@ -19,7 +19,6 @@ chat. Shape suffixes: B slots, T tokens, V vocab, S cache positions.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading

@@ -44,7 +44,7 @@ _CLAUSE_BREAK = re.compile(r",(?!\d{3}(?!\d))|[，:：]")  # not the comma of "4
 
 # Doses per day.
 _TIMES_PER_DAY = re.compile(
-    rf"\b(?P<n>{_COUNT}|once|twice|thrice)(?:\s+times?)?\s*(?:a|per|each|every|/|in a|in one|in)\s*(?:day|24 ?hours?)\b"
+    rf"\b(?P<n>{_COUNT}|once|twice|thrice)(?:\s+(?:times?|doses?))?\s*(?:a|per|each|every|/|in a|in one|in)\s*(?:day|24 ?hours?)\b"
     rf"|\b(?P<n2>once|twice|thrice|(?:{_COUNT})\s+times)\s+(?:daily|a day)\b"
     rf"|(?:一天|每天|每日|一日|日|24小时内?)\s*(?:最多|不超过|不要超过)?\s*(?P<n3>{_COUNT})\s*次"
     rf"|(?:最多|不超过)\s*(?P<n4>{_COUNT})\s*次",
@@ -68,13 +68,32 @@ _DAILY_BEFORE = re.compile(
     r"|(?:一天|每天|每日|一日|全天|24小时内?)\s*(?:的)?(?:总量|总剂量|最大剂量|最大量|最多|用量|总共|总计|不超过|不要超过|可达|共)*\s*(?:为|是|:|：)?\s*$",
     re.IGNORECASE,
 )
-_UNIT_COUNT_BEFORE = re.compile(
-    rf"(?P<n>{_COUNT})\s*(?:(?:x|×|\*)\s*|(?:(?:extra|regular)[- ]strength\s+)?(?:tablets?|pills?|caplets?|capsules?|tabs?|softgels?|gelcaps?)"
-    rf"\s*(?:of\s*)?(?:\(|（)?\s*(?:each\s*)?|(?:片|粒|颗)\s*(?:\(|（|，|,)?\s*(?:每片|每粒|每颗)?\s*)$",
+_UNITS = r"(?:(?:extra|regular|maximum)[- ]strength\s+)?(?:tablets?|pills?|caplets?|capsules?|tabs?|softgels?|gelcaps?|sachets?)"
+_ZH_UNITS = r"(?:片|粒|颗|袋|包|支)"
+# "2 x 500 mg", "2 tablets of 500 mg", "2片（每片500毫克）": the amount is per unit.
+_PER_UNIT_BEFORE = re.compile(
+    rf"(?P<n>{_COUNT})\s*(?:(?:x|×|\*)\s*|{_UNITS}\s*of\s*|{_ZH_UNITS}\s*[\(（，,]?\s*(?:每片|每粒|每颗|每袋|每包|每支)\s*)$",
     re.IGNORECASE,
 )
+# "2 tablets (1000 mg)", "2片（1000毫克）": the amount is the whole dose, unless "each" follows it.
+_PAREN_BEFORE = re.compile(rf"(?P<n>{_COUNT})\s*(?:{_UNITS}|{_ZH_UNITS})\s*[\(（]\s*$", re.IGNORECASE)
+_EACH_AFTER = re.compile(r"^\s*(?:each|apiece|per (?:tablet|pill|caplet|capsule|tab|softgel|sachet))\b", re.IGNORECASE)
+# "stay under 3 g", "不超过2克" with no frequency and no "at a time": a daily ceiling.
+_CEILING_BEFORE = re.compile(
+    r"(?:\bunder|\bbelow|\bless than|\bno more than|\bnot more than|\bexceed|\bat most|\bup to|\bmaximum(?: of)?|\bmax\.?)\s*(?:of\s*)?$"
+    r"|(?:不超过|不要超过|不得超过|不能超过|最多|上限)\s*(?:为|是)?\s*$",
+    re.IGNORECASE,
+)
+_PER_DOSE_MARK = re.compile(r"\b(?:at a time|at once|per dose|each dose|a dose|per single dose)\b|每次|一次|单次", re.IGNORECASE)
 _BARE_COUNT_BEFORE = re.compile(rf"\b(?P<n>{_COUNT})\s+$", re.IGNORECASE)
-_TABLET_AFTER = re.compile(r"^\s*(?:tablets?|pills?|caplets?|capsules?|tabs?|softgels?|gelcaps?)\b", re.IGNORECASE)
+_UNIT_AFTER = re.compile(rf"^\s*(?:{_UNITS}\b|{_ZH_UNITS})", re.IGNORECASE)
+# "no more than 6 caplets in 24 hours", "每天最多4片": a cap on units per day.
+_UNIT_CAP = re.compile(
+    rf"(?:no more than|not more than|not to exceed|(?:do not|don't|never) (?:take more than|exceed)|up to|a maximum of|"
+    rf"maximum of|max(?:imum)?|at most)\s*(?P<n>{_COUNT})\s*{_UNITS}\s*(?:in|per|a|each|every|within)\s*(?:a\s+)?(?:day|24[- ]?hours?)\b"
+    rf"|(?:一天|每天|每日|一日|24小时内?)\s*(?:最多|不超过|不要超过|不得超过|不能超过)\s*(?P<z>{_COUNT})\s*{_ZH_UNITS}",
+    re.IGNORECASE,
+)
 
 
 def parse_count(token: str) -> float | None:
@@ -105,6 +124,7 @@ class DoseMention:
     mg_per_dose: float | None  # None when the amount is stated as a daily total
     doses_per_day: float | None  # None when no frequency is stated
     mg_per_day: float  # the daily total stated or implied (per dose alone when no frequency is given)
+    is_daily_total: bool  # stated as a daily amount ("4 g per day") rather than a dose
     start: int
     end: int
 
@@ -172,25 +192,43 @@ def parse_doses(text: str, drugs: dict[str, Sequence[str]] | None = None) -> lis
             continue
         amount_mg = max(low, high or 0.0) * _UNIT_MG[m.group("unit").lower()]
 
-        # Tablet count in front ("2 x", "two tablets of", "2片") or around ("two 500 mg tablets").
-        count = None
-        unit_count = _UNIT_COUNT_BEFORE.search(before_all[-40:])
-        if unit_count:
-            count = parse_count(unit_count.group("n"))
-        elif _TABLET_AFTER.match(after_all):
+        # Tablet counts: per-unit amounts are multiplied, whole-dose amounts give the strength per unit.
+        units, per_unit = None, None
+        tail = before_all[-40:]
+        if (m_unit := _PER_UNIT_BEFORE.search(tail)) is not None:
+            units = parse_count(m_unit.group("n"))
+            per_unit = amount_mg
+        elif (m_paren := _PAREN_BEFORE.search(tail)) is not None:
+            units = parse_count(m_paren.group("n"))
+            if _EACH_AFTER.match(after_all):
+                per_unit = amount_mg
+            elif units:
+                per_unit, amount_mg = amount_mg / units, amount_mg
+                units = None  # already the whole dose
+        elif _UNIT_AFTER.match(after_all) or _EACH_AFTER.match(after_all):
             bare = _BARE_COUNT_BEFORE.search(before_all[-20:])
-            count = parse_count(bare.group("n")) if bare else None
-        amount_mg *= count or 1.0
+            units = parse_count(bare.group("n")) if bare else None
+            per_unit = amount_mg
+        amount_mg *= units or 1.0
 
         # Frequency: within this sentence, between the neighbouring amounts.
         prev_end = amounts[i - 1].end() if i and amounts[i - 1].end() > s0 else s0
         next_start = amounts[i + 1].start() if i + 1 < len(amounts) and amounts[i + 1].start() < s1 else s1
         after_window, before_window = text[m.end():next_start], text[prev_end:m.start()]
-        if _DAILY_AFTER.match(after_window) or _DAILY_BEFORE.search(before_window):
+        daily = bool(_DAILY_AFTER.match(after_window) or _DAILY_BEFORE.search(before_window))
+        if not daily and _CEILING_BEFORE.search(before_window):
+            clause = text[clause_start:clause_end]
+            daily = _doses_per_day(clause) is None and not _PER_DOSE_MARK.search(clause)
+        if daily:
             per_dose, per_day, mg_day = None, None, amount_mg
         else:
             per_day = _doses_per_day(after_window) or _doses_per_day(before_window)
             per_dose, mg_day = amount_mg, amount_mg * (per_day or 1.0)
+            caps = [parse_count(c.group("n") or c.group("z")) for c in _UNIT_CAP.finditer(text[s0:s1])]
+            caps = [c for c in caps if c]
+            if caps and per_unit:  # "every 4 hours, no more than 6 caplets a day": the cap binds
+                capped = min(caps) * per_unit
+                mg_day = min(mg_day, capped) if per_day else max(mg_day, capped)
 
         in_sentence = [d for p, d in drug_positions if s0 <= p < m.start()]
         earlier = [d for p, d in drug_positions if p < m.start()]
@@ -198,5 +236,5 @@ def parse_doses(text: str, drugs: dict[str, Sequence[str]] | None = None) -> lis
         drug = (in_sentence or earlier or [None])[-1]
         if drug is None and later_in_sentence:
             drug = later_in_sentence[0]
-        mentions.append(DoseMention(drug, per_dose, per_day, mg_day, m.start(), m.end()))
+        mentions.append(DoseMention(drug, per_dose, per_day, mg_day, daily, m.start(), m.end()))
     return mentions

@@ -4,8 +4,8 @@
      {"name": "format", "weight": 0.2, "required_sections": ["Assessment", "Advice"]},
      {"name": "rubric", "weight": 1.0, "base_url": "http://localhost:8000/v1", "model": "judge"}]
 
-Every key other than name / weight / label goes to the reward's constructor. `label` renames the reward in logs
-(needed when the same reward appears twice with different settings).
+Every key other than name / weight / log_name goes to the reward's constructor. `log_name` renames the reward in
+logs (useful when the same reward appears twice with different settings).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from angelmed.rewards.verifiable import LabelReward, MCQReward, NumericReward
 
 REWARDS: dict[str, Callable[..., Any]] = {
     "mcq": MCQReward,
-    "label": LabelReward,
+    "label_match": LabelReward,
     "numeric": NumericReward,
     "format": FormatReward,
     "sections": SectionsReward,
@@ -68,7 +68,7 @@ def build_reward(entry: dict, index: int = 0) -> WeightedReward:
     weight = kwargs.pop("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise ValueError(f"{where} ({name}): weight must be a number, got {weight!r}")
-    label = kwargs.pop("label", None)
+    log_name = kwargs.pop("log_name", None)
     factory = REWARDS[name]
     accepted = _accepted_kwargs(factory)
     if accepted is not None:
@@ -79,7 +79,7 @@ def build_reward(entry: dict, index: int = 0) -> WeightedReward:
         fn = factory(**kwargs)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where} ({name}): {e}") from e
-    return WeightedReward(fn, float(weight), name=label or getattr(fn, "name", None) or name)
+    return WeightedReward(fn, float(weight), name=log_name or getattr(fn, "name", None) or name)
 
 
 def build_rewards(config: Sequence[dict]) -> list[WeightedReward]:

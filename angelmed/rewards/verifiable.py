@@ -34,14 +34,15 @@ def reference_letter(answer: Any, options: Sequence[str] | Mapping[str, str] | N
     """The reference as a letter: "B", "b", "(B)" -> "B"; an option's text -> its letter; None when missing."""
     if answer is None:
         return None
-    ref = str(answer).strip().strip("().[]（）").strip()
-    if len(ref) == 1 and ref.upper() in LETTERS:
-        return ref.upper()
-    if options is not None:
+    raw = str(answer).strip()
+    if options is not None:  # option text first: "(PTT)" must not be read as a bracketed letter
         pairs = options.items() if isinstance(options, Mapping) else zip(LETTERS, options)
         for letter, text in pairs:
-            if str(text).strip().lower() == ref.lower():
+            if str(text).strip().lower() == raw.lower():
                 return str(letter).upper()
+    ref = raw.strip("().[]（）").strip()
+    if len(ref) == 1 and ref.upper() in LETTERS:
+        return ref.upper()
     raise ValueError("a reference answer is neither an option letter nor the text of an option")
 
 
@@ -82,7 +83,7 @@ class LabelReward:
 
     answer_key: str = "answer"
     labels: tuple[str, ...] = ("yes", "no", "maybe")
-    name: str = "label"
+    name: str = "label_match"
     invalid_references: int = field(default=0, compare=False)
 
     def __call__(self, prompts: list, completions: list, **columns) -> list[float | None]:
