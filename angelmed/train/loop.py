@@ -10,6 +10,13 @@ batch (all micro-batches, all ranks; counted before the first forward). z-loss i
 mean divided by (accumulation x ranks); the sequence-balance term is divided by the global row count.
 FSDP2 averages gradients over ranks, so each rank back-propagates `world_size x` its share: the gradient is
 that of the global objective, identical to one process running the whole global batch.
+
+Run directory: config.yaml (resolved config), metrics.jsonl (rank 0; one JSON object per logged step: step,
+loss, lm_loss, mtp_loss, mtp_{k}_loss, mtp_weight, z_loss, seq_balance_loss, grad_norm, lr, tokens, loss_tokens,
+tokens_per_s, mfu, step_time_s, heldout_loss when computed, expert_max_over_mean / expert_maxvio [per MoE layer],
+expert_maxvio_mean, expert_dead, expert_bias_{mean,std,min,max}; plus a first line {"step": 0, "heldout_loss"}
+before training), expert_load.npy ([L_moe, E] loads summed since the previous logged step), tensorboard/,
+checkpoints/ (see checkpointing.py) and model/ (final HF export in train.export_dtype).
 """
 
 from __future__ import annotations
