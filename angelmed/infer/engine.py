@@ -75,6 +75,8 @@ class GenerationRequest:
     stop_ids: list[int] | None = None
     logprobs: bool = False  # log-prob of each generated token under the raw model distribution
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # [routing record] GRPO routing replay (R3): return the expert ids the model chose for this request
+    record_routing: bool = False
 
     def validate(self, vocab_size: int) -> None:
         def bad(name: str, why: str):
@@ -121,6 +123,10 @@ class Result:
     logprobs: list[float] | None = None
     stop_reason: int | str | None = None  # the stop id or stop string that matched
     error: str | None = None
+    # [routing record] with record_routing: per MoE layer (ModelOutput.router order) the expert ids [n, k]
+    # (int16/int32, CPU) of every token the model processed for this request: the prompt, then each generated
+    # token that was fed back (all but the last), so n = len(prompt_ids) + len(token_ids) - 1.
+    routing: list[Tensor] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -235,6 +241,12 @@ def pick_tokens(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tenso
     return torch.where(temp_B > 0, sampled, greedy)
 
 
+def _routing_to_host(ids, num_experts: int) -> Tensor:
+    """[routing record] Expert ids (a list of per-layer tensors or one stacked tensor) as one compact CPU tensor."""
+    t = torch.stack(ids) if isinstance(ids, (list, tuple)) else ids
+    return t.to(torch.int16 if num_experts <= 2**15 else torch.int32).cpu()
+
+
 def token_logprobs(logits_BV: Tensor, tok_B: Tensor) -> Tensor:
     return logits_BV.gather(-1, tok_B[..., None])[..., 0] - torch.logsumexp(logits_BV, -1)
 
@@ -300,6 +312,7 @@ class _Slot:
     emitted_chars: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    routing: list[list[Tensor]] | None = None  # [routing record] per MoE layer, chunks of [t, k] ids (host)
 
     @property
     def request(self) -> GenerationRequest:
@@ -369,6 +382,8 @@ class Engine:
                              f"{self.max_seq_len} tokens (at least one must be left to generate)")
         if req.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer")
+        if req.record_routing and self.spec is not None:  # [routing record]
+            raise ValueError("record_routing: not supported with speculative decoding (draft model attached)")
         handle = RequestHandle(req, on_delta)
         with self._lock:
             if not self._accepting:
@@ -602,6 +617,11 @@ class Engine:
             self.slots[slot] = _Slot(h, lens[j], min(r.max_tokens, room), room < r.max_tokens, stop_ids,
                                      logprobs=[] if r.logprobs else None)
             self.metrics.prompt_tokens += lens[j]
+        if any(r.record_routing for r in reqs):  # [routing record] the prompt tokens
+            ids_LmTk = _routing_to_host(out.routing, self.cfg.num_experts) if out.router else None
+            for j, (slot, h) in enumerate(batch):
+                if h.request.record_routing:
+                    self.slots[slot].routing = [[ids_LmTk[layer, j, :lens[j]]] for layer in range(len(out.router))]
         self._accept_tokens({slot: [host[0][j]] for j, slot in enumerate(slots)},
                             {slot: [host[1][j]] for j, slot in enumerate(slots)} if want_lp else None)
 
@@ -622,10 +642,14 @@ class Engine:
         longest = max(s.prompt_len + len(s.generated) for s in self.slots[:n] if s is not None)
         return bucket_len(longest + extra, self._cache_len)
 
-    def _decode_fn(self, caches: list[CacheView], n: int, sample: bool, filt: bool, penalty: bool, want_lp: bool):
-        """One token for slots [0, n): the model forward, penalties, sampling and state updates, on device."""
+    def _decode_fn(self, caches: list[CacheView], n: int, sample: bool, filt: bool, penalty: bool, want_lp: bool,
+                   record: bool = False):
+        """One token for slots [0, n): the model forward, penalties, sampling and state updates, on device.
+        record: also return the expert ids of the token each slot processed ([routing record], [L, n, k])."""
         tok, pos, active = self.tok_B[:n], self.pos_B[:n], self.active_B[:n]
-        logits = self.model(tok[:, None], pos_BT=pos[:, None], caches=caches).logits[:, 0]
+        out = self.model(tok[:, None], pos_BT=pos[:, None], caches=caches)
+        logits = out.logits[:, 0]
+        route_LBk = torch.stack([r[:, 0] for r in out.routing]) if record and out.router else None
         raw = logits
         if penalty:
             logits = apply_repetition_penalty(logits, self.seen_BV[:n], self.pen_B[:n])
@@ -636,12 +660,25 @@ class Engine:
         self.pos_B[:n] += active  # free rows stay at 0 (their writes land in an unused slot)
         self.counter_B[:n] += 1
         self.seen_BV[:n].scatter_(1, nxt[:, None], True)
+        if record:
+            return nxt, lp, route_LBk
         return nxt, lp
 
     def _decode_step(self) -> None:
         n = self.active_prefix()
         sample, filt, penalty, want_lp = self._flags(n)
-        nxt, lp = self._decode(self.kv.view(n, self.attn_len(n)), n, sample, filt, penalty, want_lp)
+        record = any(s is not None and s.routing is not None for s in self.slots[:n])  # [routing record]
+        caches = self.kv.view(n, self.attn_len(n))
+        if record:
+            nxt, lp, route_LBk = self._decode(caches, n, sample, filt, penalty, want_lp, True)
+            if route_LBk is not None:  # the token each slot processed was accepted at the previous step
+                route_LBk = _routing_to_host(route_LBk, self.cfg.num_experts)
+                for i, s in enumerate(self.slots[:n]):
+                    if s is not None and s.routing is not None:
+                        for layer, chunks in enumerate(s.routing):
+                            chunks.append(route_LBk[layer, i:i + 1])
+        else:
+            nxt, lp = self._decode(caches, n, sample, filt, penalty, want_lp)
         tok, lps = self._to_host(nxt, lp)
         self._accept_tokens({i: [tok[i]] for i in range(n) if self.slots[i] is not None},
                             {i: [lps[i]] for i in range(n) if self.slots[i] is not None} if want_lp else None)
@@ -735,5 +772,6 @@ class Engine:
         else:
             self.metrics.requests_finished += 1
         text = s.text if self.tokenizer is not None else None
+        routing = None if s.routing is None else [torch.cat(chunks) for chunks in s.routing]  # [routing record]
         s.handle._finish(Result(s.request.request_id, list(s.request.prompt_ids), list(s.generated), text,
-                                s.finish_reason or "error", s.logprobs, s.stop_reason, error))
+                                s.finish_reason or "error", s.logprobs, s.stop_reason, error, routing))

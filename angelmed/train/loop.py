@@ -100,6 +100,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.run_dir = Path(t.run_dir)
         model = build_model(cfg.model).to(info.device)
+        self.prepare_model(model)
         self.mcfg: ModelConfig = model.config
         self.fsdp = info.world_size > 1 or t.precision == "bf16"
         if self.fsdp:
@@ -136,6 +137,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
             self.writer = MetricsWriter(self.run_dir, t.tensorboard, self.start_step if resume else None)
+
+    def prepare_model(self, model: Transformer) -> None:
+        """Hook before sharding and optimizer construction (GRPO freezes the MTP layers it does not train)."""
 
     def _heldout_batches(self) -> list[dict[str, Tensor]]:
         n = self.cfg.train.eval_batches
@@ -249,6 +253,10 @@ class Trainer:
         sums = tdist.all_reduce_sum(sums.to(self.info.device)).cpu()
         return (sums[0] / sums[1].clamp(min=1)).item()
 
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics merged into the step record (hook: GRPO reports held-out reward instead)."""
+        return {"heldout_loss": self.heldout_loss()}
+
     # ---- the run -----------------------------------------------------------------------------------------
     def _save(self, step: int) -> None:
         state = {"scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict(),
@@ -268,9 +276,9 @@ class Trainer:
         try:
             self.model.train()
             if self.start_step == 0 and self.heldout:  # the baseline the held-out curve starts from
-                initial = self.heldout_loss()
+                initial = self.evaluate()
                 if info.is_main:
-                    self.writer.log({"step": 0, "heldout_loss": initial})
+                    self.writer.log({"step": 0, **initial})
             for step in range(self.start_step, t.steps):
                 t0 = time.perf_counter()
                 record = self.train_step(step)
@@ -283,7 +291,7 @@ class Trainer:
                 record["step_time_s"] = dt
                 done = step + 1
                 if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                    record["heldout_loss"] = self.heldout_loss()
+                    record.update(self.evaluate())
                 if info.is_main:
                     self._log(record, done, bar)
                 if t.save_every and done % t.save_every == 0 and done < t.steps:
