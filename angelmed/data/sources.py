@@ -46,6 +46,14 @@ def _embedded(corpus: str) -> Loader:
     return load
 
 
+def _packaged(filename: str) -> Loader:
+    """A file shipped inside the package (angelmed/assets), read like any jsonl source."""
+    def load(root: Path | None, role: str, split: str | None, skips: SkipCounter) -> Iterator[Any]:
+        path = Path(__file__).resolve().parent.parent / "assets" / filename
+        return convert_rows(read_file_rows(path, skips), role, path.stem, str(path), skips)
+    return load
+
+
 _NEVER = "benchmark data: it is an evaluation set and must never feed CPT, SFT or RL (evaluation.md §6)"
 _FEWSHOT = "few-shot exemplars / dev checks only, not training data (evaluation.md §6)"
 
@@ -67,6 +75,8 @@ REGISTRY: dict[str, SourceInfo] = {s.name: s for s in [
                note="embedded; role eval reads the held-out split", splits=("train", "heldout")),
     SourceInfo("icd10cm", None, {r: _embedded("icd10cm") for r in ROLES}, "public domain (CDC/NCHS)",
                note="embedded; role eval reads the held-out split", splits=("train", "heldout")),
+    SourceInfo("safety_prompts", None, {"rl": _packaged("safety_prompts.jsonl")}, "in-project (this repository)",
+               note="red-flag, dosing and boundary prompts written for angelmed's safety rewards (EN + ZH)"),
     # ---- evaluation only
     SourceInfo("healthbench_subset245", "healthbench_subset245", {"eval": ms.healthbench}, "MIT",
                train_forbidden=_NEVER + "; the provider asks not to train on it"),

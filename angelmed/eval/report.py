@@ -225,8 +225,11 @@ def eval_section(doc: Doc, run_dir: Path, fig_dir: Path, notes: list[str]):
     healthbench = [(p, d) for p, d in results if d["benchmark"] == "healthbench"]
     mcq = [(p, d) for p, d in results if d["benchmark"] == "mcq"]
     cmb = [(p, d) for p, d in results if d["benchmark"] == "cmb_clin"]
+    stages = [d for _, d in results if d["benchmark"] == "stage_checks"]
+    if stages:
+        pipeline_section(doc, stages, fig_dir)
     for path, data in results:
-        if data["benchmark"] not in ("healthbench", "mcq", "cmb_clin"):
+        if data["benchmark"] not in ("healthbench", "mcq", "cmb_clin", "stage_checks"):
             notes.append(f"{path}: unknown benchmark {data['benchmark']!r}, not shown")
 
     if healthbench:
@@ -256,14 +259,15 @@ def eval_section(doc: Doc, run_dir: Path, fig_dir: Path, notes: list[str]):
             proto = d.get("protocol", {})
             acc = d.get("acc", {})
             ci = acc.get("ci95") or [None, None]
-            rows.append([d.get("task"), f"{proto.get('protocol')} {proto.get('shots', 0)}-shot", d.get("n"),
+            rows.append([d.get("stage", ""), d.get("task"), f"{proto.get('protocol')} {proto.get('shots', 0)}-shot", d.get("n"),
                          _pct(acc.get("value")), f"{_pct(ci[0])}–{_pct(ci[1])}",
                          _pct((d.get("acc_norm") or {}).get("value")), _pct((d.get("macro_f1") or {}).get("value")),
                          _pct(d.get("parse_failure_rate")), _pct(d.get("baselines", {}).get("chance")),
                          _pct(d.get("baselines", {}).get("majority", {}).get("acc"))])
             if acc.get("value") is not None:
-                bars[f"{d.get('task')} ({proto.get('protocol')})"] = (acc["value"], None)
-        doc.table(["task", "protocol", "n", "acc %", "95% CI", "acc_norm %", "macro-F1 %", "unparsed %",
+                label = f"{d.get('stage')}: " if d.get("stage") else ""
+                bars[f"{label}{d.get('task')} ({proto.get('protocol')})"] = (acc["value"], None)
+        doc.table(["stage", "task", "protocol", "n", "acc %", "95% CI", "acc_norm %", "macro-F1 %", "unparsed %",
                    "chance %", "majority %"], rows)
         doc.p("Notes: " + "; ".join(sorted({f"{d.get('task')}: {d.get('note')}" for _, d in mcq if d.get("note")})))
         _bar_plot(fig_dir, "mcq_accuracy.png", "MCQ accuracy", bars, doc)
@@ -278,6 +282,37 @@ def eval_section(doc: Doc, run_dir: Path, fig_dir: Path, notes: list[str]):
                          d.get("n_ungraded")])
         doc.table(["file", "candidate", "judge", "overall", "fluency", "relevance", "completeness", "proficiency",
                    "graded", "ungraded"], rows)
+
+
+STAGE_ORDER = {"cpt": 0, "sft": 1, "grpo": 2}
+
+
+def pipeline_section(doc: Doc, stages: list[dict], fig_dir: Path) -> None:
+    """The speedrun's per-stage checks (angelmed.eval.stage_eval): what each training stage changed."""
+    stages = sorted(stages, key=lambda d: STAGE_ORDER.get(d.get("stage"), 9))
+    doc.h(3, "Stage by stage (held-out data)")
+    ppl_sets = sorted({k for d in stages for k in (d.get("perplexity") or {})})
+    mcq_sets = sorted({k for d in stages for k in (d.get("mcq") or {})})
+    header = ["stage"] + [f"ppl {k}" for k in ppl_sets] + [f"{k} acc % (chance / majority)" for k in mcq_sets]
+    header += ["chat format %", "held-out MCQ reward", "red flags: model % / with safety layer %"]
+    rows = []
+    for d in stages:
+        row = [d.get("stage")]
+        row += [f"{d['perplexity'][k]['ppl']:.1f}" if k in (d.get("perplexity") or {}) else "" for k in ppl_sets]
+        for k in mcq_sets:
+            m = (d.get("mcq") or {}).get(k)
+            row.append(f"{_pct(m['acc'])} ({_pct(m['chance'])} / {_pct(m['majority'])})" if m else "")
+        rf = d.get("red_flag") or {}
+        row += [_pct(d.get("chat_format_rate")), _cell(d.get("heldout_mcq_reward")),
+                f"{_pct(rf.get('raw_rate'))} / {_pct(rf.get('guarded_rate'))}" if rf else ""]
+        rows.append(row)
+    doc.table(header, rows)
+    doc.p("Perplexity: exp(mean token NLL) on documents no stage trained on. MCQ: log-likelihood of the option "
+          "letter (lm-eval convention). Chat format: greedy replies that ended with <|role_end|>. Red flags: "
+          "replies to the in-project emergency cases that contain urgent-care guidance.")
+    for d in stages:
+        for s in d.get("samples") or []:
+            doc.p(f"**{d.get('stage')} sample.** Q: {s['question'][:200]!r} → A: {s['reply'][:300]!r}")
 
 
 def _bar_plot(fig_dir: Path, name: str, title: str, values: dict[str, tuple[float, float | None]], doc: Doc):
