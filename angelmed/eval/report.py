@@ -20,6 +20,9 @@ from pathlib import Path
 
 from angelmed import MEDICAL_ADVISORY
 
+STAGE_ORDER = {"cpt": 0, "sft": 1, "grpo": 2}
+KEY_METRICS = ["loss", "lm_loss", "mtp_loss", "heldout_loss", "reward_mean", "heldout_reward", "kl", "entropy",
+               "completion_len_mean", "routing_disagree", "grad_norm", "tokens_per_s", "mfu", "expert_maxvio_mean"]
 SPEED_KEY = re.compile(r"(tok(en)?s?_per_s|tok/s|throughput|samples_per_s|step_time|ms_per|per_sec)", re.I)
 EXTERNAL_LEADERBOARDS = [
     ("MedBench v4", "closed test data, platform-scored", "cmmlu (knowledge QA), cmb_clin (complex reasoning)"),
@@ -135,7 +138,8 @@ def _plt():
 
 # ------------------------------------------------------------------------------------------------ sections
 def training_section(doc: Doc, run_dir: Path, fig_dir: Path, speed_rows: list[list[object]], notes: list[str]):
-    stages = sorted(p.parent for p in run_dir.glob("*/metrics.jsonl"))
+    stages = sorted((p.parent for p in run_dir.glob("*/metrics.jsonl")),
+                    key=lambda d: (STAGE_ORDER.get(d.name, 9), d.name))
     if not stages:
         return
     doc.h(2, "Training")
@@ -145,22 +149,24 @@ def training_section(doc: Doc, run_dir: Path, fig_dir: Path, speed_rows: list[li
         series = _numeric_series(rows)
         if not series:
             continue
+        shown = [k for k in KEY_METRICS if k in series] or sorted(series)[:9]  # the rest: metrics.jsonl, TensorBoard
         stage = stage_dir.name
         doc.h(3, f"{stage}: {len(rows)} logged steps")
         table = []
         for key, (xs, ys) in sorted(series.items()):
-            table.append([key, len(ys), ys[0], min(ys), ys[-1]])
+            if key in shown:
+                table.append([key, len(ys), ys[0], min(ys), ys[-1]])
             if SPEED_KEY.search(key):
                 speed_rows.append([f"{stage}/{key}", sum(ys) / len(ys), ys[-1], "metrics.jsonl"])
         doc.table(["metric", "points", "first", "min", "last"], table)
         plt = _plt()
-        keys = sorted(series)
+        keys = shown
         ncols = min(3, len(keys))
         nrows = math.ceil(len(keys) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.0 * nrows), squeeze=False)
         for ax, key in zip(axes.flat, keys):
             xs, ys = series[key]
-            ax.plot(xs, ys, lw=1.2)
+            ax.plot(xs, ys, lw=1.2, marker="o" if len(xs) < 30 else None, ms=3)
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
@@ -284,7 +290,6 @@ def eval_section(doc: Doc, run_dir: Path, fig_dir: Path, notes: list[str]):
                    "graded", "ungraded"], rows)
 
 
-STAGE_ORDER = {"cpt": 0, "sft": 1, "grpo": 2}
 
 
 def pipeline_section(doc: Doc, stages: list[dict], fig_dir: Path) -> None:
