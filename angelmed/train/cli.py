@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from angelmed.train.config import RunConfigError
 
     try:
+        if "--dry-run" in argv and stage in ("cpt", "sft"):  # meta-device plan, nothing allocated
+            from angelmed.train.plan import main as dry_run
+
+            return dry_run(stage, [a for a in argv[1:] if a != "--dry-run"])
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     except RunConfigError as e:
         print(f"angelmed train {stage}: config error: {e}", file=sys.stderr)
