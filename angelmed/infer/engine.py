@@ -1,0 +1,740 @@
+"""Serving engine: continuous batching over one preallocated KV cache.
+
+Every slot of the cache (`max_batch` rows) holds one request. Each `step()`:
+  1. drops cancelled requests (their slot is free at once),
+  2. admits queued requests into free slots and prefills them together (right-padded batch; each row at its
+     own positions; the first token is sampled from the prefill logits),
+  3. runs one decode step over the active slots (or one speculative round when a draft model is attached),
+  4. copies the new token ids to the host once, and applies stop ids, stop strings and length limits there.
+
+Sampling state (temperature, top-k, top-p, repetition penalty, seed) lives in per-slot device tensors, so one
+batched step serves requests with different settings. Random numbers come from a counter-based hash of
+(seed, step, vocab id): a seeded request draws the same tokens whether it runs alone or beside others, and the
+decode step needs no generator objects and no host syncs (it can be compiled).
+
+Used by GRPO rollouts and eval (`generate`, blocking), the server (`start()` + `stream()`), and the terminal
+chat. Shape suffixes: B slots, T tokens, V vocab, S cache positions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator, Protocol
+
+import torch
+from torch import Tensor
+
+from angelmed.infer.sampling import apply_repetition_penalty, filter_logits
+from angelmed.model import Transformer
+
+log = logging.getLogger(__name__)
+
+# spec model.md §11 (AntAngelMed README): what the server uses when a request leaves a setting out
+RECOMMENDED_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class QueueFull(EngineError):
+    pass
+
+
+class EngineClosed(EngineError):
+    pass
+
+
+class TokenizerLike(Protocol):
+    stop_ids: list[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+
+
+# ---- requests and results ----------------------------------------------------------------------------
+@dataclass
+class GenerationRequest:
+    """One generation. temperature 0 = greedy. stop_ids None = the engine's defaults (tokenizer stop ids)."""
+    prompt_ids: list[int]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_ids: list[int] | None = None
+    logprobs: bool = False  # log-prob of each generated token under the raw model distribution
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def validate(self, vocab_size: int) -> None:
+        def bad(name: str, why: str):
+            raise ValueError(f"{name}: {why}")
+
+        if not isinstance(self.prompt_ids, (list, tuple)) or not self.prompt_ids:
+            bad("prompt_ids", "expected a non-empty list of token ids")
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in self.prompt_ids):
+            bad("prompt_ids", f"token ids must be ints in [0, {vocab_size})")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", f"expected an int >= 1, got {self.max_tokens!r}")
+        if not 0 <= self.temperature <= 100:
+            bad("temperature", f"expected 0 <= temperature <= 100, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"expected 0 < top_p <= 1, got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", f"expected an int >= 0 (0 = off), got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", f"expected > 0, got {self.repetition_penalty!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "stop strings must be non-empty strings")
+        if self.stop_ids is not None and any(not isinstance(t, int) or not 0 <= t < vocab_size for t in self.stop_ids):
+            bad("stop_ids", f"token ids must be ints in [0, {vocab_size})")
+
+
+@dataclass
+class Delta:
+    """What one request produced since its last delta (streaming)."""
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+
+
+@dataclass
+class Result:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated ids; ends with the stop id when one ended generation (as vLLM)
+    text: str | None  # decoded completion without the stop id / stop string (None without a tokenizer)
+    finish_reason: str
+    logprobs: list[float] | None = None
+    stop_reason: int | str | None = None  # the stop id or stop string that matched
+    error: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class RequestHandle:
+    def __init__(self, request: GenerationRequest, on_delta: Callable[[Delta], None] | None):
+        self.request = request
+        self.request_id = request.request_id
+        self._on_delta = on_delta
+        self._done = threading.Event()
+        self._result: Result | None = None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Result:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    def _emit(self, delta: Delta) -> None:
+        if self._on_delta is not None:
+            try:
+                self._on_delta(delta)
+            except Exception:  # a consumer that went away must not break the engine
+                log.debug("delta consumer of %s failed", self.request_id, exc_info=True)
+
+    def _finish(self, result: Result) -> None:
+        self._result = result
+        self._done.set()
+
+
+@dataclass
+class EngineMetrics:
+    requests_submitted: int = 0
+    requests_finished: int = 0
+    requests_cancelled: int = 0
+    requests_failed: int = 0
+    prompt_tokens: int = 0
+    tokens_generated: int = 0
+    steps: int = 0
+    queue_depth: int = 0
+    active_slots: int = 0
+    max_batch: int = 0
+    spec_rounds: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---- counter-based random numbers (no generator state; batch-composition independent) ------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), exact in int64 (split c into 16-bit halves to avoid overflow)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """lowbias32 integer hash (a bijection on 32-bit values with good avalanche)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed_B: Tensor, counter_B: Tensor, stream: int, n: int) -> Tensor:
+    """U(0,1) float32 [B, n], a pure function of (seed, counter, stream, column)."""
+    key = _mix32((seed_B ^ (stream * 0x9E3779B9 & _M32)) & _M32)
+    key = _mix32(key ^ (counter_B & _M32))
+    cols = torch.arange(n, device=seed_B.device, dtype=torch.int64)
+    h = _mix32(_mix32(key[:, None] ^ cols[None, :]) ^ key[:, None])
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel_noise(seed_B: Tensor, counter_B: Tensor, stream: int, n: int) -> Tensor:
+    return -torch.log(-torch.log(uniform_noise(seed_B, counter_B, stream, n)))
+
+
+def seed32(seed: int) -> int:
+    """Fold any Python int seed into 32 bits (host side)."""
+    seed &= (1 << 64) - 1
+    return (seed ^ (seed >> 32) ^ 0x5851F42D) & _M32
+
+
+def process_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, filt: bool) -> Tensor:
+    """Temperature-scaled, top-k/top-p-filtered logits (greedy rows are scaled by 1; callers take argmax)."""
+    x = logits_BV / torch.where(temp_B > 0, temp_B, torch.ones_like(temp_B))[:, None]
+    return filter_logits(x, topk_B, topp_B) if filt else x
+
+
+def pick_tokens(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, seed_B: Tensor,
+                counter_B: Tensor, sample: bool, filt: bool) -> Tensor:
+    """Greedy rows: argmax. Sampling rows: Gumbel-max over the processed logits (= a draw from their softmax)."""
+    greedy = logits_BV.argmax(-1)
+    if not sample:
+        return greedy
+    x = process_logits(logits_BV, temp_B, topk_B, topp_B, filt)
+    sampled = (x + gumbel_noise(seed_B, counter_B, 0, x.shape[-1])).argmax(-1)
+    return torch.where(temp_B > 0, sampled, greedy)
+
+
+def token_logprobs(logits_BV: Tensor, tok_B: Tensor) -> Tensor:
+    return logits_BV.gather(-1, tok_B[..., None])[..., 0] - torch.logsumexp(logits_BV, -1)
+
+
+# ---- cache views ---------------------------------------------------------------------------------------
+class CacheView:
+    """KVCache-compatible view of the first n rows and first S positions of a full cache (no copy)."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    def update(self, pos_BT: Tensor, k_BKTd: Tensor, v_BKTd: Tensor) -> tuple[Tensor, Tensor]:
+        idx = pos_BT[:, None, :, None].expand_as(k_BKTd)
+        self.k.scatter_(2, idx, k_BKTd)
+        self.v.scatter_(2, idx, v_BKTd)
+        return self.k, self.v
+
+
+class SlotCaches:
+    """Per-layer K/V for max_batch slots; hands out stable views so a compiled step sees the same objects."""
+
+    def __init__(self, caches: list, max_len: int):
+        self.caches, self.max_len = caches, max_len
+        self._views: dict[tuple[int, int], list[CacheView]] = {}
+
+    def view(self, n: int, S: int) -> list[CacheView]:
+        key = (n, S)
+        if key not in self._views:
+            self._views[key] = [CacheView(c.k[:n, :, :S], c.v[:n, :, :S]) for c in self.caches]
+        return self._views[key]
+
+    def write_rows(self, slots: Tensor, tmp_caches: list) -> None:
+        """Copy freshly prefilled temporary caches [m, K, T, d] into the given slot rows."""
+        for full, tmp in zip(self.caches, tmp_caches):
+            T = tmp.k.shape[2]
+            full.k[slots, :, :T] = tmp.k
+            full.v[slots, :, :T] = tmp.v
+
+
+def bucket(n: int, limit: int) -> int:
+    """Next power of two >= n, capped at limit: few distinct shapes (compile), little wasted work."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, limit)
+
+
+def bucket_len(n: int, limit: int, quantum: int = 64) -> int:
+    return min(limit, max(quantum, bucket(-(-n // quantum), 1 << 30) * quantum))
+
+
+# ---- per-slot host state -------------------------------------------------------------------------------
+@dataclass
+class _Slot:
+    handle: RequestHandle
+    prompt_len: int
+    max_new: int  # min(max_tokens, context room)
+    limit_by_context: bool
+    stop_ids: frozenset
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    text: str = ""  # decoded generated text (without stop ids)
+    emitted_chars: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+
+# ---- the engine ----------------------------------------------------------------------------------------
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: TokenizerLike | None = None, max_batch: int = 16,
+                 max_seq_len: int | None = None, stop_ids: list[int] | None = None, max_queue: int = 1024,
+                 compile: bool = False, draft=None, spec_tokens: int = 3, max_prefill_tokens: int = 8192):
+        """draft: a speculative.DraftModel (e.g. MTPDrafter(model)); spec_tokens: tokens drafted per round."""
+        self.model = model.eval()
+        self.cfg = model.config
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_seq_len = int(max_seq_len or self.cfg.max_position_embeddings)
+        if stop_ids is None:
+            stop_ids = list(getattr(tokenizer, "stop_ids", None) or [])
+        self.default_stop_ids = list(stop_ids)
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.draft = draft
+        self.spec_tokens = int(spec_tokens) if draft is not None else 0
+        # speculative rounds write up to spec_tokens+1 positions past a row's frontier (rejected tail, padding)
+        self._cache_len = self.max_seq_len + 2 * (self.spec_tokens + 1)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.vocab_size = self.cfg.vocab_size
+        self.kv = SlotCaches(model.make_caches(max_batch, self._cache_len), self._cache_len)
+        if draft is not None:
+            draft.allocate(max_batch, self._cache_len)
+        dev, B = self.device, max_batch
+        self.tok_B = torch.zeros(B, dtype=torch.long, device=dev)  # latest token, not yet in the cache
+        self.pos_B = torch.zeros(B, dtype=torch.long, device=dev)  # where tok_B will be written
+        self.active_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.temp_B = torch.zeros(B, device=dev)
+        self.topk_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.topp_B = torch.ones(B, device=dev)
+        self.pen_B = torch.ones(B, device=dev)
+        self.seed_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.counter_B = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seen_BV = torch.zeros(B, self.vocab_size, dtype=torch.bool, device=dev)
+        self.slots: list[_Slot | None] = [None] * B
+        self._pending: deque[RequestHandle] = deque()
+        self._cancel: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._stop_thread = threading.Event()
+        self._step_lock = threading.Lock()
+        self.metrics = EngineMetrics(max_batch=max_batch)
+        self._decode = torch.compile(self._decode_fn, dynamic=False) if compile else self._decode_fn
+        if draft is not None:
+            from angelmed.infer.speculative import SpecState
+            self.spec = SpecState(self)
+        else:
+            self.spec = None
+
+    # ---- public API ------------------------------------------------------------------------------------
+    def submit(self, req: GenerationRequest, on_delta: Callable[[Delta], None] | None = None) -> RequestHandle:
+        """Queue a request (thread-safe). Raises ValueError (bad request), QueueFull, EngineClosed."""
+        req.validate(self.vocab_size)
+        if len(req.prompt_ids) >= self.max_seq_len:
+            raise ValueError(f"prompt_ids: prompt has {len(req.prompt_ids)} tokens; the context is "
+                             f"{self.max_seq_len} tokens (at least one must be left to generate)")
+        if req.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+        handle = RequestHandle(req, on_delta)
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosed("engine is shutting down and accepts no new requests")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting)")
+            self._pending.append(handle)
+            self.metrics.requests_submitted += 1
+            self.metrics.queue_depth = len(self._pending)
+        self._wake.set()
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a queued or running request (thread-safe); its slot is freed at the next step."""
+        with self._lock:
+            self._cancel.add(request_id)
+        self._wake.set()
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or any(s is not None for s in self.slots) or bool(self._cancel)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Result]:
+        """Blocking batch generation (rollouts, eval). Runs the steps itself unless the runner thread is on."""
+        for r in requests:  # all or nothing: a bad request must not leave the others queued
+            r.validate(self.vocab_size)
+        handles = [self.submit(r) for r in requests]
+        if self.running:
+            return [h.result() for h in handles]
+        while not all(h.done() for h in handles):
+            self.step()
+        return [h.result() for h in handles]
+
+    def stream_sync(self, req: GenerationRequest) -> Iterator[Delta]:
+        """Deltas of one request, blocking. Drives the engine itself unless the runner thread is on."""
+        q: queue.SimpleQueue[Delta] = queue.SimpleQueue()
+        handle = self.submit(req, q.put)
+        try:
+            while True:
+                if not self.running:
+                    while q.empty() and not handle.done():
+                        self.step()
+                d = q.get()
+                yield d
+                if d.finish_reason is not None:
+                    return
+        finally:
+            if not handle.done():
+                self.cancel(req.request_id)
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[Delta]:
+        """Async deltas of one request (server). Needs the runner thread (`start()`). Closing the iterator
+        early (client gone) cancels the request and frees its slot."""
+        if not self.running:
+            raise EngineError("engine runner is not started (call engine.start())")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Delta] = asyncio.Queue()
+
+        def push(d: Delta) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, d)
+
+        handle = self.submit(req, push)
+        try:
+            while True:
+                d = await q.get()
+                yield d
+                if d.finish_reason is not None:
+                    return
+        finally:
+            if not handle.done():
+                self.cancel(req.request_id)
+
+    # ---- runner thread ---------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Engine":
+        if not self.running:
+            self._stop_thread.clear()
+            self._thread = threading.Thread(target=self._run, name="angelmed-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; with drain, let queued and running requests finish first; then stop the thread."""
+        self.stop_accepting()
+        if not drain:
+            with self._lock:
+                ids = [h.request_id for h in self._pending] + [s.request.request_id for s in self.slots if s]
+            for rid in ids:
+                self.cancel(rid)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running and self.has_work() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.01)
+        self._stop_thread.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop_thread.is_set():
+            if not self.has_work():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _fail_all(self, why: str) -> None:
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                s.finish_reason = "error"
+                self._finish(i, error=why)
+        with self._lock:
+            pending, self._pending = list(self._pending), deque()
+        for h in pending:
+            self.metrics.requests_failed += 1
+            h._emit(Delta(h.request_id, [], "", finish_reason="error", error=why))
+            h._finish(Result(h.request_id, list(h.request.prompt_ids), [], None, "error", error=why))
+
+    # ---- one scheduler step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        with self._step_lock:
+            self._apply_cancellations()
+            self._admit()
+            if any(s is not None for s in self.slots):
+                if self.spec is not None:
+                    self.spec.round()
+                else:
+                    self._decode_step()
+            self.metrics.steps += 1
+            self.metrics.active_slots = sum(s is not None for s in self.slots)
+            self.metrics.queue_depth = len(self._pending)
+
+    def _apply_cancellations(self) -> None:
+        with self._lock:
+            if not self._cancel:
+                return
+            cancel, self._cancel = self._cancel, set()
+            keep = deque()
+            for h in self._pending:
+                if h.request_id in cancel:
+                    self.metrics.requests_cancelled += 1
+                    h._emit(Delta(h.request_id, [], "", finish_reason="cancelled"))
+                    h._finish(Result(h.request_id, list(h.request.prompt_ids), [], None, "cancelled"))
+                else:
+                    keep.append(h)
+            self._pending = keep
+        for i, s in enumerate(self.slots):
+            if s is not None and s.request.request_id in cancel:
+                s.finish_reason = "cancelled"
+                self._finish(i)
+
+    def _admit(self) -> None:
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if not free:
+            return
+        batch: list[tuple[int, RequestHandle]] = []
+        budget = self.max_prefill_tokens
+        with self._lock:
+            while self._pending and len(batch) < len(free):
+                n = len(self._pending[0].request.prompt_ids)
+                if batch and n > budget:
+                    break
+                budget -= n
+                batch.append((free[len(batch)], self._pending.popleft()))
+        if batch:
+            self._prefill(batch)
+
+    def _set_slot_params(self, slots: list[int], reqs: list[GenerationRequest]) -> Tensor:
+        dev = self.device
+        idx = torch.tensor(slots, device=dev)
+        self.temp_B[idx] = torch.tensor([float(r.temperature) for r in reqs], device=dev)
+        self.topk_B[idx] = torch.tensor([int(r.top_k) for r in reqs], device=dev)
+        self.topp_B[idx] = torch.tensor([float(r.top_p) for r in reqs], device=dev)
+        self.pen_B[idx] = torch.tensor([float(r.repetition_penalty) for r in reqs], device=dev)
+        seeds = [seed32(r.seed if r.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little"))
+                 for r in reqs]
+        self.seed_B[idx] = torch.tensor(seeds, device=dev)
+        self.counter_B[idx] = 0
+        self.seen_BV[idx] = False
+        for row, r in zip(slots, reqs):
+            self.seen_BV[row, torch.tensor(r.prompt_ids, device=dev)] = True
+        return idx
+
+    def _prefill(self, batch: list[tuple[int, RequestHandle]]) -> None:
+        slots = [i for i, _ in batch]
+        reqs = [h.request for _, h in batch]
+        lens = [len(r.prompt_ids) for r in reqs]
+        m, T = len(batch), max(lens)
+        dev = self.device
+        ids = torch.zeros(m, T, dtype=torch.long)
+        for j, r in enumerate(reqs):
+            ids[j, :lens[j]] = torch.tensor(r.prompt_ids)
+        ids = ids.to(dev)
+        # right padding is harmless: pad positions lie past the row's frontier and are overwritten before use
+        pos = torch.arange(T, device=dev).expand(m, T)
+        tmp = self.model.make_caches(m, T)
+        out = self.model(ids, pos_BT=pos, caches=tmp)
+        last = torch.tensor([n - 1 for n in lens], device=dev)
+        logits = out.logits[torch.arange(m, device=dev), last]
+        idx = self._set_slot_params(slots, reqs)
+        self.kv.write_rows(idx, tmp)
+        if any(r.repetition_penalty != 1 for r in reqs):
+            logits = apply_repetition_penalty(logits, self.seen_BV[idx], self.pen_B[idx])
+        sample = any(r.temperature > 0 for r in reqs)
+        filt = sample and any(r.top_k > 0 or r.top_p < 1 for r in reqs)
+        tok = pick_tokens(logits, self.temp_B[idx], self.topk_B[idx], self.topp_B[idx], self.seed_B[idx],
+                          self.counter_B[idx], sample, filt)
+        if self.spec is not None:
+            self.spec.absorb_prompt(idx, ids, out.hidden, lens, tok)
+        self.tok_B[idx] = tok
+        self.pos_B[idx] = torch.tensor(lens, device=dev)
+        self.active_B[idx] = 1
+        self.counter_B[idx] += 1
+        self.seen_BV[idx, tok] = True
+        want_lp = any(r.logprobs for r in reqs)
+        host = self._to_host(tok, token_logprobs(out.logits[torch.arange(m, device=dev), last], tok) if want_lp else None)
+        for j, (slot, h) in enumerate(batch):
+            r = h.request
+            room = self.max_seq_len - lens[j]
+            stop_ids = frozenset(r.stop_ids if r.stop_ids is not None else self.default_stop_ids)
+            self.slots[slot] = _Slot(h, lens[j], min(r.max_tokens, room), room < r.max_tokens, stop_ids,
+                                     logprobs=[] if r.logprobs else None)
+            self.metrics.prompt_tokens += lens[j]
+        self._accept_tokens({slot: [host[0][j]] for j, slot in enumerate(slots)},
+                            {slot: [host[1][j]] for j, slot in enumerate(slots)} if want_lp else None)
+
+    def _flags(self, n: int) -> tuple[bool, bool, bool, bool]:
+        live = [s.request for s in self.slots[:n] if s is not None]
+        sample = any(r.temperature > 0 for r in live)
+        filt = sample and any(r.top_k > 0 or r.top_p < 1 for r in live)
+        penalty = any(r.repetition_penalty != 1 for r in live)
+        want_lp = any(r.logprobs for r in live)
+        return sample, filt, penalty, want_lp
+
+    def active_prefix(self) -> int:
+        hi = max(i for i, s in enumerate(self.slots) if s is not None) + 1
+        return bucket(hi, self.max_batch)
+
+    def attn_len(self, n: int, extra: int = 1) -> int:
+        """Cache positions the next step can touch (rows up to n), rounded up to limit distinct shapes."""
+        longest = max(s.prompt_len + len(s.generated) for s in self.slots[:n] if s is not None)
+        return bucket_len(longest + extra, self._cache_len)
+
+    def _decode_fn(self, caches: list[CacheView], n: int, sample: bool, filt: bool, penalty: bool, want_lp: bool):
+        """One token for slots [0, n): the model forward, penalties, sampling and state updates, on device."""
+        tok, pos, active = self.tok_B[:n], self.pos_B[:n], self.active_B[:n]
+        logits = self.model(tok[:, None], pos_BT=pos[:, None], caches=caches).logits[:, 0]
+        raw = logits
+        if penalty:
+            logits = apply_repetition_penalty(logits, self.seen_BV[:n], self.pen_B[:n])
+        nxt = pick_tokens(logits, self.temp_B[:n], self.topk_B[:n], self.topp_B[:n], self.seed_B[:n],
+                          self.counter_B[:n], sample, filt)
+        lp = token_logprobs(raw, nxt) if want_lp else None
+        self.tok_B[:n] = nxt
+        self.pos_B[:n] += active  # free rows stay at 0 (their writes land in an unused slot)
+        self.counter_B[:n] += 1
+        self.seen_BV[:n].scatter_(1, nxt[:, None], True)
+        return nxt, lp
+
+    def _decode_step(self) -> None:
+        n = self.active_prefix()
+        sample, filt, penalty, want_lp = self._flags(n)
+        nxt, lp = self._decode(self.kv.view(n, self.attn_len(n)), n, sample, filt, penalty, want_lp)
+        tok, lps = self._to_host(nxt, lp)
+        self._accept_tokens({i: [tok[i]] for i in range(n) if self.slots[i] is not None},
+                            {i: [lps[i]] for i in range(n) if self.slots[i] is not None} if want_lp else None)
+
+    @staticmethod
+    def _to_host(tok: Tensor, lp: Tensor | None) -> tuple[list, list | None]:
+        """The step's only device->host transfer: token ids (and log-probs, packed into one float64 copy)."""
+        if lp is None:
+            return tok.tolist(), None
+        packed = torch.stack([tok.double(), lp.double()], dim=0).cpu()
+        return [int(t) for t in packed[0].tolist()], packed[1].tolist()
+
+    # ---- host-side bookkeeping -------------------------------------------------------------------------
+    def _accept_tokens(self, new: dict[int, list[int]], new_lp: dict[int, list[float]] | None) -> None:
+        """Append tokens per slot, apply stop rules, emit deltas, free finished slots."""
+        for i, toks in new.items():
+            s = self.slots[i]
+            if s is None:
+                continue
+            added: list[int] = []
+            added_lp: list[float] = []
+            for j, t in enumerate(toks):
+                s.generated.append(t)
+                added.append(t)
+                if new_lp is not None and s.logprobs is not None:
+                    s.logprobs.append(new_lp[i][j])
+                    added_lp.append(new_lp[i][j])
+                self.metrics.tokens_generated += 1
+                if t in s.stop_ids:
+                    s.finish_reason, s.stop_reason = "stop", t
+                    break
+                if s.request.stop and self._check_stop_strings(s):
+                    break
+                if len(s.generated) >= s.max_new:
+                    s.finish_reason = "length"
+                    break
+            self._emit_text(i, s, added, added_lp if s.logprobs is not None else None)
+            if s.finish_reason is not None:
+                self._finish(i)
+
+    def _decode_text(self, s: _Slot) -> str:
+        ids = [t for t in s.generated if t not in s.stop_ids]
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        except TypeError:
+            return self.tokenizer.decode(ids)
+
+    def _check_stop_strings(self, s: _Slot) -> bool:
+        text = self._decode_text(s)
+        start = max(0, s.emitted_chars - max(len(x) for x in s.request.stop))
+        hits = [(text.find(x, start), x) for x in s.request.stop]
+        hits = [(k, x) for k, x in hits if k >= 0]
+        if not hits:
+            return False
+        k, x = min(hits)
+        s.text = text[:k]
+        s.finish_reason, s.stop_reason = "stop", x
+        return True
+
+    def _emit_text(self, i: int, s: _Slot, added: list[int], added_lp: list[float] | None) -> None:
+        text = ""
+        if self.tokenizer is not None:
+            if s.stop_reason is None or isinstance(s.stop_reason, int):
+                s.text = self._decode_text(s)
+            end = len(s.text)
+            if s.finish_reason is None:
+                # hold back an incomplete UTF-8 sequence and any tail that could start a stop string
+                while end > s.emitted_chars and s.text[end - 1] == "\ufffd":
+                    end -= 1
+                for x in s.request.stop:
+                    for k in range(min(len(x) - 1, end - s.emitted_chars), 0, -1):
+                        if s.text[end - k:end] == x[:k]:
+                            end -= k
+                            break
+            end = max(end, s.emitted_chars)
+            text, s.emitted_chars = s.text[s.emitted_chars:end], end
+        s.handle._emit(Delta(s.request.request_id, added, text, added_lp, s.finish_reason))
+
+    def _finish(self, i: int, error: str | None = None) -> None:
+        s = self.slots[i]
+        assert s is not None
+        self.slots[i] = None
+        self.active_B[i] = 0
+        self.pos_B[i] = 0
+        if s.finish_reason == "cancelled":
+            self.metrics.requests_cancelled += 1
+            s.handle._emit(Delta(s.request.request_id, [], "", finish_reason="cancelled"))
+        elif s.finish_reason == "error":
+            self.metrics.requests_failed += 1
+            s.handle._emit(Delta(s.request.request_id, [], "", finish_reason="error", error=error))
+        else:
+            self.metrics.requests_finished += 1
+        text = s.text if self.tokenizer is not None else None
+        s.handle._finish(Result(s.request.request_id, list(s.request.prompt_ids), list(s.generated), text,
+                                s.finish_reason or "error", s.logprobs, s.stop_reason, error))

@@ -1,0 +1,336 @@
+"""Speculative decoding: a drafter proposes k tokens, the target verifies k+1 positions in one forward.
+
+Round for each active slot (latest token x at position P, not yet in the target cache):
+  1. the drafter catches up on the tokens verified last round (with the target's hidden states there) and
+     chains k draft tokens d_1..d_k with their distributions q_1..q_k;
+  2. the target runs [x, d_1..d_k] at positions P..P+k (cache rows written there; a rejected tail is simply
+     overwritten later, since attention only covers positions <= the query's own);
+  3. standard speculative sampling: accept d_j with probability min(1, p_j(d_j) / q_j(d_j)); at the first
+     rejection draw from norm(max(0, p - q)); if all k pass, draw a bonus token from p_{k+1}. The emitted
+     tokens are distributed exactly as plain sampling from p. Greedy rows are the special case p, q one-hot,
+     so greedy output is identical to plain greedy decoding.
+
+Drafters implement `DraftModel`; `MTPDrafter` uses the checkpoint's MTP layer (EAGLE/NEXTN style: the layer
+takes the target's final hidden state at t and the embedding of token t+1, and predicts t+2; further drafts
+feed the layer's own output hidden back in). `LMDrafter` is classic draft-model speculation with a small LM of
+the same vocabulary. Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from angelmed.infer.engine import SlotCaches, gumbel_noise, process_logits, token_logprobs, uniform_noise
+from angelmed.infer.sampling import apply_repetition_penalty
+from angelmed.model import KVCache, Transformer, rope_cos_sin
+
+if TYPE_CHECKING:
+    from angelmed.infer.engine import Engine
+
+
+@dataclass
+class ContextState:
+    """What a drafter needs for one round, rows [0, n) of the engine's slots.
+
+    ids_BL[:, j] is the token at position pos_BL[:, j] + 1 and hidden_BLD[:, j] the target's final hidden state
+    at position pos_BL[:, j] (the state that predicted that token); only the first len_B[b] columns are valid.
+    The last valid column is the newest token, whose successor the first draft predicts.
+    """
+    ids_BL: Tensor
+    hidden_BLD: Tensor
+    pos_BL: Tensor
+    len_B: Tensor
+    n: int
+    S: int  # cache positions this round may touch (for the drafter's own cache views)
+    temp_B: Tensor
+    topk_B: Tensor
+    topp_B: Tensor
+    seed_B: Tensor
+    counter_B: Tensor
+    sample: bool
+    filt: bool
+    seen_BV: Tensor | None = None  # repetition penalty (None: off)
+    pen_B: Tensor | None = None
+
+
+class DraftModel(Protocol):
+    def allocate(self, max_batch: int, max_len: int) -> None:
+        """Make room for max_batch slots of max_len positions (own KV cache)."""
+
+    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
+        """Take in new prompts (right-padded) and the target's hidden states over them, for the given slots."""
+
+    def propose(self, state: ContextState, k: int) -> tuple[Tensor, Tensor]:
+        """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n)."""
+
+
+def probs_from_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, filt: bool,
+                      sample: bool) -> Tensor:
+    """The distribution a row samples from: one-hot argmax for greedy rows, softmax of processed logits else."""
+    greedy = F.one_hot(logits_BV.argmax(-1), logits_BV.shape[-1]).to(logits_BV.dtype)
+    if not sample:
+        return greedy
+    p = process_logits(logits_BV, temp_B, topk_B, topp_B, filt).softmax(-1)
+    return torch.where((temp_B > 0)[:, None], p, greedy)
+
+
+def draw(probs_BV: Tensor, seed_B: Tensor, counter_B: Tensor, stream: int) -> Tensor:
+    """One token per row from probs (Gumbel-max; zero-probability tokens are never drawn)."""
+    return (probs_BV.log() + gumbel_noise(seed_B, counter_B, stream, probs_BV.shape[-1])).argmax(-1)
+
+
+def accept_drafts(p_BKV: Tensor, drafts_Bk: Tensor, q_BkV: Tensor, seed_B: Tensor, counter_B: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+    """Speculative sampling. p_BKV: target distributions at the k+1 verified positions; q: draft distributions.
+
+    Returns (tokens [B, k+1]: the accepted drafts, then the corrected or bonus token at index a; columns past
+    a are filler) and a [B] = number of accepted drafts.
+    """
+    B, K, V = p_BKV.shape
+    k = K - 1
+    rows = torch.arange(B, device=p_BKV.device)
+    pd = p_BKV[:, :k].gather(-1, drafts_Bk[..., None])[..., 0]
+    qd = q_BkV.gather(-1, drafts_Bk[..., None])[..., 0]
+    u = uniform_noise(seed_B, counter_B, 1, k)
+    ok = u * qd < pd  # u < p/q without dividing by a tiny q
+    a = ok.long().cumprod(-1).sum(-1)
+    q_ext = torch.cat([q_BkV, torch.zeros_like(p_BKV[:, :1])], dim=1)  # after k accepts: plain p (bonus)
+    resid = (p_BKV[rows, a] - q_ext[rows, a]).clamp(min=0)
+    mass = resid.sum(-1, keepdim=True)
+    resid = torch.where(mass > 0, resid / mass.clamp(min=1e-30), p_BKV[rows, a])  # p == q: rounding only
+    t = draw(resid, seed_B, counter_B, 2)
+    out = torch.cat([drafts_Bk, torch.zeros_like(drafts_Bk[:, :1])], dim=1)
+    out[rows, a] = t
+    return out, a
+
+
+def _seen_after_drafts(seen_BV: Tensor, drafts_Bk: Tensor) -> Tensor:
+    """[B, k+1, V]: the context's token set before each verified position (drafts join one by one)."""
+    B, k = drafts_Bk.shape
+    hot = F.one_hot(drafts_Bk, seen_BV.shape[-1]).cumsum(1) > 0  # [B, k, V]
+    return torch.cat([seen_BV[:, None], seen_BV[:, None] | hot], dim=1)
+
+
+# ---- drafters ------------------------------------------------------------------------------------------------
+class MTPDrafter:
+    """Drafts with MTP layer `depth` of `model` (the target itself, or a separately trained draft checkpoint of
+    the same shape whose MTP layer was trained on the target's hidden states). Keeps its own KV cache."""
+
+    def __init__(self, model: Transformer, depth: int = 0):
+        if model.config.num_nextn_predict_layers <= depth:
+            raise ValueError(f"draft model has {model.config.num_nextn_predict_layers} MTP layer(s); "
+                             f"depth {depth} needs at least {depth + 1}")
+        self.model, self.depth = model, depth
+        self.kv: SlotCaches | None = None
+
+    def allocate(self, max_batch: int, max_len: int) -> None:
+        self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
+
+    def _cache(self, batch: int, max_len: int) -> KVCache:
+        cfg, w = self.model.config, self.model.model.word_embeddings.weight
+        return KVCache(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, w.dtype, w.device)
+
+    def _run(self, ids_BT: Tensor, h_BTD: Tensor, pos_BT: Tensor, caches) -> Tensor:
+        m = self.model
+        rope = rope_cos_sin(m.inv_freq, m.rope_scaling, pos_BT, h_BTD.dtype)
+        mask = m.causal_mask(pos_BT, None, caches[0].k.shape[2])
+        h, _ = m.mtp_step(self.depth, ids_BT, h_BTD, rope, mask, pos_BT, caches[0])
+        return h
+
+    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
+        # MTP position t sees (token t+1, target hidden at t); the newest token (t = len-1) is handled by
+        # the first propose, so the prompt contributes positions 0..len-2.
+        m, T = prompt_BT.shape
+        if T < 2:
+            return
+        pos = torch.arange(T - 1, device=prompt_BT.device).expand(m, T - 1)
+        tmp = [self._cache(m, T - 1)]
+        self._run(prompt_BT[:, 1:], hidden_BTD[:, :-1].to(self._dtype), pos, tmp)
+        self.kv.write_rows(slots, tmp)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.model.model.word_embeddings.weight.dtype
+
+    def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor]:
+        m = self.model
+        caches = self.kv.view(st.n, st.S)
+        rows = torch.arange(st.n, device=st.ids_BL.device)
+        h = self._run(st.ids_BL, st.hidden_BLD.to(self._dtype), st.pos_BL, caches)
+        last = st.len_B - 1
+        g_BD, pos_B = h[rows, last], st.pos_BL[rows, last]
+        seen = st.seen_BV
+        drafts, qs = [], []
+        for j in range(k):
+            if j > 0:  # chain: the MTP layer's own output stands in for the target hidden
+                pos_B = pos_B + 1
+                g_BD = self._run(drafts[-1][:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
+            logits = m.logits_from_hidden(g_BD)
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, st.pen_B)
+            q = probs_from_logits(logits, st.temp_B, st.topk_B, st.topp_B, st.filt, st.sample)
+            d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else logits.argmax(-1)
+            drafts.append(d)
+            qs.append(q)
+            if seen is not None:
+                seen = seen.clone()
+                seen[rows, d] = True
+        return torch.stack(drafts, 1), torch.stack(qs, 1)
+
+
+class LMDrafter:
+    """Classic draft-model speculation: a small causal LM with the target's vocabulary (hidden states unused)."""
+
+    def __init__(self, model: Transformer):
+        self.model = model.eval()
+        self.kv: SlotCaches | None = None
+
+    def allocate(self, max_batch: int, max_len: int) -> None:
+        self.kv = SlotCaches(self.model.make_caches(max_batch, max_len + 1), max_len + 1)
+
+    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
+        m, T = prompt_BT.shape
+        tmp = self.model.make_caches(m, T)
+        self.model(prompt_BT, caches=tmp, compute_logits=False)  # the sampled token after it comes next
+        self.kv.write_rows(slots, tmp)
+
+    def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor]:
+        caches = self.kv.view(st.n, min(st.S + 1, self.kv.max_len))
+        rows = torch.arange(st.n, device=st.ids_BL.device)
+        out = self.model(st.ids_BL, pos_BT=st.pos_BL + 1, caches=caches)  # token t+1 lives at position t+1
+        last = st.len_B - 1
+        logits, pos_B = out.logits[rows, last], st.pos_BL[rows, last] + 1
+        seen = st.seen_BV
+        drafts, qs = [], []
+        for j in range(k):
+            if j > 0:
+                pos_B = pos_B + 1
+                logits = self.model(drafts[-1][:, None], pos_BT=pos_B[:, None], caches=caches).logits[:, 0]
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, st.pen_B)
+            q = probs_from_logits(logits, st.temp_B, st.topk_B, st.topp_B, st.filt, st.sample)
+            d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else logits.argmax(-1)
+            drafts.append(d)
+            qs.append(q)
+            if seen is not None:
+                seen = seen.clone()
+                seen[rows, d] = True
+        return torch.stack(drafts, 1), torch.stack(qs, 1)
+
+
+# ---- engine integration ------------------------------------------------------------------------------------
+@dataclass
+class SpecStats:
+    rounds: int = 0  # verify forwards x active rows
+    drafted: int = 0
+    accepted: int = 0
+    accepted_hist: list[int] = field(default_factory=list)  # index a: rows that accepted a drafts
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accept_length(self) -> float:
+        """Tokens emitted per verify forward per row (accepted drafts + the corrected/bonus token)."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    def as_dict(self) -> dict:
+        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate, "mean_accept_length": self.mean_accept_length,
+                "accepted_hist": list(self.accepted_hist)}
+
+
+class SpecState:
+    """Per-slot speculative state inside an Engine: the catch-up context each drafter row still has to see."""
+
+    def __init__(self, engine: "Engine"):
+        self.e = engine
+        self.k = engine.spec_tokens
+        if self.k < 1:
+            raise ValueError(f"spec_tokens must be >= 1, got {self.k}")
+        B, K, D, dev = engine.max_batch, self.k + 1, engine.cfg.hidden_size, engine.device
+        self.ids_BL = torch.zeros(B, K, dtype=torch.long, device=dev)
+        self.hidden_BLD = torch.zeros(B, K, D, dtype=engine.dtype, device=dev)
+        self.len_B = torch.ones(B, dtype=torch.long, device=dev)
+        self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
+
+    def absorb_prompt(self, idx: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int],
+                      first_tok: Tensor) -> None:
+        self.e.draft.absorb(idx, prompt_BT, hidden_BTD, lens)
+        rows = torch.arange(len(lens), device=prompt_BT.device)
+        last = torch.tensor([n - 1 for n in lens], device=prompt_BT.device)
+        self.ids_BL[idx, 0] = first_tok
+        self.hidden_BLD[idx, 0] = hidden_BTD[rows, last].to(self.hidden_BLD.dtype)
+        self.len_B[idx] = 1
+
+    def round(self) -> None:
+        e, k = self.e, self.k
+        n = e.active_prefix()
+        sample, filt, penalty, want_lp = e._flags(n)
+        S = e.attn_len(n, extra=2 * (k + 1))
+        dev = e.device
+        ar = torch.arange(k + 1, device=dev)
+        pos_B, len_B = e.pos_B[:n], self.len_B[:n]
+        st = ContextState(
+            ids_BL=self.ids_BL[:n], hidden_BLD=self.hidden_BLD[:n],
+            pos_BL=(pos_B - len_B)[:, None].clamp(min=0) + ar, len_B=len_B, n=n, S=S,
+            temp_B=e.temp_B[:n], topk_B=e.topk_B[:n], topp_B=e.topp_B[:n], seed_B=e.seed_B[:n],
+            counter_B=e.counter_B[:n], sample=sample, filt=filt,
+            seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
+        drafts, q = e.draft.propose(st, k)
+        ids = torch.cat([e.tok_B[:n, None], drafts], dim=1)
+        out = e.model(ids, pos_BT=pos_B[:, None] + ar, caches=e.kv.view(n, S))
+        raw = out.logits  # [n, k+1, V]
+        logits = raw
+        if penalty:
+            seen = _seen_after_drafts(e.seen_BV[:n], drafts)
+            logits = apply_repetition_penalty(raw.reshape(-1, raw.shape[-1]), seen.reshape(-1, raw.shape[-1]),
+                                              e.pen_B[:n].repeat_interleave(k + 1)).view_as(raw)
+        if sample:
+            V = raw.shape[-1]
+            rep = lambda t: t.repeat_interleave(k + 1)  # noqa: E731  per-position copies of per-row settings
+            p = probs_from_logits(logits.reshape(-1, V), rep(e.temp_B[:n]), rep(e.topk_B[:n]), rep(e.topp_B[:n]),
+                                  filt, True).view_as(raw)
+            toks, a = accept_drafts(p, drafts, q, e.seed_B[:n], e.counter_B[:n])
+        else:  # all greedy: accepted drafts equal the target argmax, so the argmax row is the answer
+            toks = logits.argmax(-1)
+            a = (drafts == toks[:, :k]).long().cumprod(-1).sum(-1)
+        rows = torch.arange(n, device=dev)
+        active = e.active_B[:n]
+        e.tok_B[:n] = toks[rows, a]
+        e.pos_B[:n] += (a + 1) * active
+        e.counter_B[:n] += 1
+        emitted = ar[None, :] <= a[:, None]
+        e.seen_BV[:n].scatter_(1, torch.where(emitted, toks, toks[rows, a][:, None]), True)
+        self.ids_BL[:n] = toks
+        self.hidden_BLD[:n] = out.hidden.to(self.hidden_BLD.dtype)
+        self.len_B[:n] = a + 1
+        # one device->host copy: tokens, accepted counts (and log-probs) packed together
+        parts = [toks.double(), a.double()[:, None]]
+        if want_lp:
+            parts.append(token_logprobs(raw, toks).double())
+        host = torch.cat(parts, dim=1).cpu()
+        tok_h = host[:, :k + 1].long().tolist()
+        a_h = host[:, k + 1].long().tolist()
+        lp_h = host[:, k + 2:].tolist() if want_lp else None
+        new, new_lp = {}, ({} if want_lp else None)
+        for i in range(n):
+            if e.slots[i] is None:
+                continue
+            new[i] = tok_h[i][:a_h[i] + 1]
+            if want_lp:
+                new_lp[i] = lp_h[i][:a_h[i] + 1]
+            self.stats.rounds += 1
+            self.stats.drafted += k
+            self.stats.accepted += a_h[i]
+            self.stats.accepted_hist[a_h[i]] += 1
+        e.metrics.spec_rounds = self.stats.rounds
+        e.metrics.spec_drafted = self.stats.drafted
+        e.metrics.spec_accepted = self.stats.accepted
+        e._accept_tokens(new, new_lp)

@@ -1,0 +1,232 @@
+"""`angelmed serve MODEL_DIR` (OpenAI-compatible server, or the equivalent vLLM/SGLang command) and
+`angelmed chat MODEL_DIR` (terminal chat with streaming)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from angelmed import MEDICAL_ADVISORY
+
+log = logging.getLogger("angelmed.serve")
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="angelmed serve", description="OpenAI-compatible server for a checkpoint.")
+    p.add_argument("model_dir", help="HF checkpoint directory (config.json, safetensors, tokenizer files)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences (KV cache slots)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: config max)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--api-key", default=os.environ.get("ANGELMED_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $ANGELMED_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding: 'mtp' (the checkpoint's own MTP layer) or a directory holding a "
+                        "draft checkpoint with an MTP layer fed the target's hidden states")
+    p.add_argument("--spec-tokens", type=int, default=3, help="tokens drafted per speculative round")
+    p.add_argument("--backend", choices=["native", "vllm", "sglang"], default="native")
+    p.add_argument("--launch", action="store_true", help="with --backend vllm|sglang: exec the command")
+    p.add_argument("--print-only", action="store_true", help="print the resolved settings / command and exit")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's torch_dtype)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--no-safety", action="store_true", help="turn the medical safety layer off")
+    p.add_argument("--log-text", action="store_true", help="log prompt and completion text (off by default)")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def engine_command(args: argparse.Namespace, name: str) -> list[str]:
+    """The vLLM / SGLang command serving the same checkpoint (spec model.md §8)."""
+    d = str(Path(args.model_dir).resolve())
+    if args.backend == "vllm":
+        cmd = ["vllm", "serve", d, "--trust-remote-code", "--served-model-name", name,
+               "--host", args.host, "--port", str(args.port), "--max-num-seqs", str(args.max_batch)]
+        if args.max_seq_len:
+            cmd += ["--max-model-len", str(args.max_seq_len)]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+    else:
+        cmd = [sys.executable if args.launch else "python", "-m", "sglang.launch_server", "--model-path", d,
+               "--trust-remote-code", "--served-model-name", name, "--host", args.host, "--port", str(args.port),
+               "--max-running-requests", str(args.max_batch)]
+        if args.max_seq_len:
+            cmd += ["--context-length", str(args.max_seq_len)]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+        if args.draft == "mtp":  # SGLang's NEXTN draft = the checkpoint's MTP layer (one layer, topk 1)
+            k = args.spec_tokens
+            cmd += ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(k),
+                    "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1)]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    return cmd
+
+
+def _engine_warnings(args: argparse.Namespace) -> list[str]:
+    d = Path(args.model_dir)
+    out = []
+    if not (d / "configuration_bailing_moe_v2.py").is_file() or not (d / "modeling_bailing_moe_v2.py").is_file():
+        out.append(f"{d} lacks configuration_bailing_moe_v2.py / modeling_bailing_moe_v2.py; --trust-remote-code "
+                   "needs them (re-export with `angelmed convert --hf-remote-code`)")
+    if args.backend == "vllm" and args.draft:
+        out.append("vLLM has no MTP/EAGLE support for BailingMoeV2; --draft is ignored for vllm")
+    if args.backend == "sglang" and args.draft and args.draft != "mtp":
+        out.append("only --draft mtp maps to SGLang (NEXTN); a separate draft dir is ignored")
+    return out
+
+
+def _sampling_defaults(model_dir: str) -> dict:
+    from angelmed.checkpoint import read_generation_config
+    from angelmed.infer.engine import RECOMMENDED_SAMPLING
+
+    gen = read_generation_config(model_dir)
+    out = dict(RECOMMENDED_SAMPLING)
+    out.update({k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty") if k in gen})
+    return out
+
+
+def _stop_ids(model_dir: str, tokenizer) -> list[int]:
+    from angelmed.checkpoint import read_generation_config
+
+    ids = list(getattr(tokenizer, "stop_ids", None) or [])
+    eos = read_generation_config(model_dir).get("eos_token_id")
+    for t in ([eos] if isinstance(eos, int) else list(eos or [])):
+        if t not in ids:
+            ids.append(t)
+    return ids
+
+
+def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = None, dtype: str | None = None,
+                 device: str = "cpu", draft: str | None = None, spec_tokens: int = 3, max_queue: int = 256,
+                 compile: bool = False, tokenizer=None):
+    """Model + tokenizer + engine for a checkpoint directory (shared by serve and chat)."""
+    from angelmed.checkpoint import load_model
+    from angelmed.infer.backends import load_tokenizer
+    from angelmed.infer.engine import Engine
+
+    model = load_model(model_dir, dtype=dtype, device=device)
+    tokenizer = tokenizer or load_tokenizer(model_dir)
+    drafter = None
+    if draft:
+        from angelmed.infer.speculative import MTPDrafter
+
+        source = model if draft == "mtp" else load_model(draft, dtype=dtype, device=device)
+        drafter = MTPDrafter(source)
+    engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
+                    stop_ids=_stop_ids(model_dir, tokenizer), max_queue=max_queue, compile=compile,
+                    draft=drafter, spec_tokens=spec_tokens)
+    return engine, tokenizer
+
+
+def main(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(args.model_dir).is_dir():
+        print(f"angelmed serve: model directory {args.model_dir!r} not found", file=sys.stderr)
+        return 2
+    name = args.served_model_name or Path(args.model_dir).resolve().name
+    if args.backend != "native":
+        for w in _engine_warnings(args):
+            print(f"warning: {w}", file=sys.stderr)
+        cmd = engine_command(args, name)
+        shown = [("$ANGELMED_API_KEY" if args.api_key and i > 0 and cmd[i - 1] == "--api-key" else c)
+                 for i, c in enumerate(cmd)]  # never echo the secret
+        print(" ".join(shlex.quote(c) if not c.startswith("$") else c for c in shown))
+        if args.launch and not args.print_only:
+            os.execvp(cmd[0], cmd)
+        return 0
+    if args.print_only:
+        print(f"angelmed native server: model {args.model_dir} as {name!r} on http://{args.host}:{args.port} "
+              f"(max_batch {args.max_batch}, max_seq_len {args.max_seq_len or 'config'}, draft {args.draft}, "
+              f"safety {'off' if args.no_safety else 'on'}, api key {'set' if args.api_key else 'none'})")
+        return 0
+
+    import uvicorn
+
+    from angelmed.serve.app import ServerConfig, create_app
+
+    engine, tokenizer = build_engine(args.model_dir, args.max_batch, args.max_seq_len, args.dtype, args.device,
+                                     args.draft, args.spec_tokens, args.max_queue, args.compile)
+    cfg = ServerConfig(served_model_name=name, api_key=args.api_key, log_text=args.log_text,
+                       safety=not args.no_safety, sampling_defaults=_sampling_defaults(args.model_dir))
+    app = create_app(engine, tokenizer, cfg)
+    print(MEDICAL_ADVISORY, file=sys.stderr)
+    # SIGTERM: uvicorn stops accepting, lets open responses finish (bounded), then the lifespan drains the engine
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+# ---- terminal chat -------------------------------------------------------------------------------------------
+def chat(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="angelmed chat", description="Terminal chat with a checkpoint (streaming).")
+    p.add_argument("model_dir")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--draft", default=None, help="'mtp' or a draft checkpoint dir (speculative decoding)")
+    p.add_argument("--no-safety", action="store_true")
+    args = p.parse_args(argv)
+
+    from rich.console import Console
+    from rich.panel import Panel
+
+    from angelmed.infer.backends import chat_prompt_ids
+    from angelmed.infer.engine import GenerationRequest
+    from angelmed.serve.app import load_safety
+
+    console = Console()
+    console.print(Panel(MEDICAL_ADVISORY, title="angelmed", border_style="yellow"))
+    engine, tokenizer = build_engine(args.model_dir, max_batch=1, max_seq_len=args.max_seq_len, dtype=args.dtype,
+                                     device=args.device, draft=args.draft)
+    guard = load_safety(not args.no_safety)
+    defaults = _sampling_defaults(args.model_dir)
+    if args.temperature is not None:
+        defaults["temperature"] = args.temperature
+    console.print("[dim]/reset starts a new conversation, /exit quits[/dim]")
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            user = console.input("[bold cyan]you> [/bold cyan]").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if not user:
+            continue
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": user})
+        ids = chat_prompt_ids(tokenizer, messages)
+        room = engine.max_seq_len - len(ids)
+        if room < 1:
+            console.print("[red]the conversation no longer fits the context; /reset to start over[/red]")
+            messages.pop()
+            continue
+        req = GenerationRequest(ids, max_tokens=min(args.max_tokens, room), **defaults)
+        console.print("[bold green]angelmed> [/bold green]", end="")
+        reply = ""
+        try:
+            for d in engine.stream_sync(req):
+                reply += d.text
+                console.print(d.text, end="", markup=False, highlight=False)
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            console.print("[dim] (stopped)[/dim]", end="")
+        if guard is not None:
+            suffix = guard.guidance_suffix(user, reply)
+            if suffix:
+                reply += suffix
+                console.print(suffix, end="", markup=False, highlight=False)
+        console.print()
+        messages.append({"role": "assistant", "content": reply})

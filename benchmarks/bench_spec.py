@@ -1,0 +1,113 @@
+"""Speculative decoding vs plain decoding: tokens/s, acceptance length, and the cost model behind them.
+
+Greedy outputs are asserted identical. A randomly initialised model's MTP layer predicts almost nothing, so by
+default the MTP numbers show the overhead; `--model DIR` runs a trained checkpoint (with an MTP layer). The
+"self-draft" row drafts with the target itself (every draft accepted: acceptance length k+1) and bounds what a
+perfect drafter could do, given the measured cost of a (k+1)-token verify forward vs a 1-token decode.
+
+    python benchmarks/bench_spec.py [--preset small] [--model DIR] [--k 3] [--batch 1] [--new-tokens 64]
+
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+if os.path.exists(TCMALLOC) and TCMALLOC not in os.environ.get("LD_PRELOAD", ""):
+    os.execve(sys.executable, [sys.executable] + sys.argv,
+              dict(os.environ, LD_PRELOAD=(TCMALLOC + " " + os.environ.get("LD_PRELOAD", "")).strip()))
+
+import torch  # noqa: E402
+
+from angelmed.config import get_preset  # noqa: E402
+from angelmed.infer.engine import Engine, GenerationRequest  # noqa: E402
+from angelmed.infer.speculative import LMDrafter, MTPDrafter  # noqa: E402
+from angelmed.model import Transformer  # noqa: E402
+
+
+def run(model, prompts, new_tokens: int, draft=None, k: int = 3, temperature: float = 0.0):
+    eng = Engine(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens + 8,
+                 draft=draft, spec_tokens=k)
+    reqs = lambda: [GenerationRequest(p, max_tokens=new_tokens, stop_ids=[], temperature=temperature,  # noqa: E731
+                                      seed=i) for i, p in enumerate(prompts)]
+    eng.generate(reqs())  # warm-up
+    if eng.spec is not None:
+        eng.spec.stats.__init__(accepted_hist=[0] * (k + 1))
+    t = time.perf_counter()
+    res = eng.generate(reqs())
+    dt = time.perf_counter() - t
+    stats = eng.spec.stats.as_dict() if eng.spec is not None else None
+    return [r.token_ids for r in res], len(prompts) * new_tokens / dt, stats
+
+
+@torch.no_grad()
+def forward_cost_ratio(model, T: int, k: int, reps: int = 20) -> float:
+    """Time of a (k+1)-token cached forward / a 1-token cached forward at context T (batch 1)."""
+    caches = model.make_caches(1, T + k + 2)
+    model(torch.zeros(1, T, dtype=torch.long), caches=caches)
+
+    def timed(n: int) -> float:
+        ids = torch.zeros(1, n, dtype=torch.long)
+        pos = torch.arange(T, T + n)[None]
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(ids, pos_BT=pos, caches=caches)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    return timed(k + 1) / timed(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--model", default=None, help="trained checkpoint dir (MTP layer needed)")
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.model:
+        from angelmed.checkpoint import load_model
+        model, source = load_model(args.model, dtype="float32"), args.model
+    else:
+        model, source = Transformer(get_preset(args.preset)).init_weights(0).eval(), f"{args.preset} (random init)"
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    k = args.k
+    plain_tok, plain_tps, _ = run(model, prompts, args.new_tokens, temperature=args.temperature)
+    out = {"model": source, "batch": args.batch, "k": k, "new_tokens": args.new_tokens,
+           "temperature": args.temperature, "plain_tok_s": round(plain_tps, 1)}
+    print(f"model {source}, batch {args.batch}, k {k}, temperature {args.temperature}")
+    print(f"plain decoding:          {plain_tps:8.1f} tok/s")
+    rows = [("mtp", MTPDrafter(model))] if model.config.num_nextn_predict_layers else []
+    rows.append(("self_draft", LMDrafter(model)))
+    for name, drafter in rows:
+        toks, tps, st = run(model, prompts, args.new_tokens, drafter, k, args.temperature)
+        if args.temperature == 0:
+            assert toks == plain_tok, f"{name}: speculative greedy output differs from plain decoding"
+        out[name] = {"tok_s": round(tps, 1), "speedup": round(tps / plain_tps, 3),
+                     "mean_accept_length": round(st["mean_accept_length"], 3),
+                     "acceptance_rate": round(st["acceptance_rate"], 3), "accepted_hist": st["accepted_hist"]}
+        print(f"{name + ' speculative:':<24} {tps:8.1f} tok/s  x{tps / plain_tps:.2f}  "
+              f"acceptance length {st['mean_accept_length']:.2f} (rate {st['acceptance_rate']:.2f}, "
+              f"hist {st['accepted_hist']})")
+    ratio = forward_cost_ratio(model, args.prompt_len + args.new_tokens // 2, k)
+    out["verify_cost_vs_decode"] = round(ratio, 3)
+    print(f"a {k + 1}-token verify forward costs {ratio:.2f}x a 1-token decode forward: with a free drafter, "
+          f"acceptance length L gives about L/{ratio:.2f}x")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

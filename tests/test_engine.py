@@ -1,0 +1,282 @@
+"""Engine: greedy parity with fixtures and generate(), batching invariance, sampling, stops, cancel."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from angelmed.checkpoint import load_model
+from angelmed.config import get_preset
+from angelmed.infer.engine import (Engine, GenerationRequest, QueueFull, pick_tokens, uniform_noise)
+from angelmed.infer.generate import generate
+from angelmed.model import Transformer
+
+
+class ByteTokenizer:
+    """Minimal test tokenizer: ids 0..255 are bytes, then the Ling special tokens; other ids decode to ''."""
+    SPECIALS = ["<|endoftext|>", "<|role_end|>", "<role>", "</role>"]
+
+    def __init__(self):
+        self.eod_id, self.role_end_id = 256, 257
+        self.stop_ids = [self.role_end_id, self.eod_id]
+        self.vocab_size = 260
+
+    def encode(self, text: str) -> list[int]:
+        out, i = [], 0
+        while i < len(text):
+            for k, sp in enumerate(self.SPECIALS):
+                if text.startswith(sp, i):
+                    out.append(256 + k)
+                    i += len(sp)
+                    break
+            else:
+                out.extend(text[i].encode())
+                i += 1
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        parts, buf = [], bytearray()
+        for t in ids:
+            if t < 256:
+                buf.append(t)
+                continue
+            parts.append(buf.decode(errors="replace"))
+            buf = bytearray()
+            if 256 <= t < 260 and not skip_special_tokens:
+                parts.append(self.SPECIALS[t - 256])
+        parts.append(buf.decode(errors="replace"))
+        return "".join(parts)
+
+    def render_chat(self, messages, tools=None, add_generation_prompt=False) -> str:
+        roles = {"system": "SYSTEM", "user": "HUMAN", "assistant": "ASSISTANT", "tool": "OBSERVATION"}
+        out = "<role>SYSTEM</role>"
+        if messages and messages[0]["role"] == "system":
+            out += messages[0]["content"] + "\n"
+            messages = messages[1:]
+        out += "detailed thinking off<|role_end|>"
+        for m in messages:
+            out += f"<role>{roles[m['role']]}</role>{m['content']}<|role_end|>"
+        return out + ("<role>ASSISTANT</role>" if add_generation_prompt else "")
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    return Transformer(get_preset("tiny")).init_weights(seed).eval()
+
+
+def prompts(n: int, seed: int = 1, vocab: int = 512) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(3, 20, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def greedy_ref(model, ids: list[int], n: int) -> list[int]:
+    return generate(model, torch.tensor([ids]), n)[0].tolist()
+
+
+@pytest.mark.parametrize("name", ["tiny_mtp", "small_fp8", "tiny_yarn"])
+def test_greedy_matches_fixture(fixtures_dir, name):
+    d = fixtures_dir / name
+    m = load_model(d, dtype="float32")
+    ids, want = np.load(d / "ids.npy"), np.load(d / "greedy_tokens.npy")
+    eng = Engine(m, max_batch=2)
+    res = eng.generate([GenerationRequest([int(t) for t in row], max_tokens=want.shape[1], stop_ids=[])
+                        for row in ids])
+    assert [r.token_ids for r in res] == want.tolist()
+    assert all(r.finish_reason == "length" for r in res)
+
+
+def test_batched_equals_one_by_one_and_generate(model):
+    ps = prompts(6)
+    eng = Engine(model, max_batch=4, max_seq_len=64)  # 6 requests > 4 slots: some wait in the queue
+    batched = eng.generate([GenerationRequest(p, max_tokens=12, stop_ids=[]) for p in ps])
+    single = Engine(model, max_batch=1, max_seq_len=64)
+    for p, r in zip(ps, batched):
+        alone = single.generate([GenerationRequest(p, max_tokens=12, stop_ids=[])])[0]
+        assert r.token_ids == alone.token_ids == greedy_ref(model, p, 12)
+
+
+def test_staggered_arrivals_equal_isolated_runs(model):
+    ps = prompts(5, seed=2)
+    eng = Engine(model, max_batch=3, max_seq_len=64)
+    handles = [eng.submit(GenerationRequest(ps[0], max_tokens=10, stop_ids=[]))]
+    for p in ps[1:]:  # a new request arrives every two steps while others decode
+        eng.step()
+        eng.step()
+        handles.append(eng.submit(GenerationRequest(p, max_tokens=7 + len(p) % 5, stop_ids=[])))
+    while eng.has_work():
+        eng.step()
+    for p, h in zip(ps, handles):
+        assert h.result().token_ids == greedy_ref(model, p, h.request.max_tokens)
+    assert eng.metrics.requests_finished == 5 and eng.metrics.active_slots == 0
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(model):
+    p = prompts(1, seed=3)[0]
+    req = dict(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, stop_ids=[])
+    eng = Engine(model, max_batch=4, max_seq_len=64)
+    a = eng.generate([GenerationRequest(p, seed=7, **req)])[0].token_ids
+    others = [GenerationRequest(q, seed=i, **req) for i, q in enumerate(prompts(3, seed=4))]
+    b = eng.generate(others[:2] + [GenerationRequest(p, seed=7, **req)] + others[2:])[2].token_ids
+    c = eng.generate([GenerationRequest(p, seed=8, **req)])[0].token_ids
+    assert a == b
+    assert a != c
+    assert a != greedy_ref(model, p, 16)
+
+
+def test_sampler_draws_from_the_softmax():
+    # 4-way distribution; 40000 independent (seed, counter) draws; frequencies must match softmax(logits / T)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(40000, 4)
+    n = logits.shape[0]
+    temp = torch.full((n,), 0.7)
+    tok = pick_tokens(logits, temp, torch.zeros(n, dtype=torch.long), torch.ones(n), torch.arange(n),
+                      torch.zeros(n, dtype=torch.long), sample=True, filt=False)
+    freq = torch.bincount(tok, minlength=4).float() / n
+    want = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0]) / 0.7, -1)
+    assert torch.allclose(freq, want, atol=0.01), (freq, want)
+    # top-k 2: only the two best tokens, renormalised
+    tok = pick_tokens(logits, temp, torch.full((n,), 2), torch.ones(n), torch.arange(n),
+                      torch.ones(n, dtype=torch.long), sample=True, filt=True)
+    freq = torch.bincount(tok, minlength=4).float() / n
+    w2 = torch.softmax(torch.tensor([2.0, 1.0]) / 0.7, -1)
+    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], w2, atol=0.01)
+    u = uniform_noise(torch.arange(64), torch.zeros(64, dtype=torch.long), 0, 1000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+
+
+def test_stop_ids(model):
+    p = prompts(1, seed=5)[0]
+    full = greedy_ref(model, p, 20)
+    stop = full[6]
+    first = full.index(stop)
+    eng = Engine(model, max_batch=2, max_seq_len=64)
+    r = eng.generate([GenerationRequest(p, max_tokens=20, stop_ids=[stop])])[0]
+    assert r.token_ids == full[:first + 1] and r.finish_reason == "stop" and r.stop_reason == stop
+    # default stop ids come from the tokenizer
+    tok = ByteTokenizer()
+    tok.stop_ids = [stop]
+    r = Engine(model, tokenizer=tok, max_batch=2, max_seq_len=64).generate([GenerationRequest(p, max_tokens=20)])[0]
+    assert r.token_ids == full[:first + 1] and r.finish_reason == "stop"
+
+
+def test_stop_strings_and_streaming_hold_back():
+    tok = ByteTokenizer()
+    model = tiny_model(3)
+    with torch.no_grad():  # make the model speak mostly printable bytes so the text has substance
+        model.lm_head.weight[128:] -= 1.0
+    eng = Engine(model, tokenizer=tok, max_batch=2, max_seq_len=96)
+    p = tok.encode("Hello, how are")
+    ref = eng.generate([GenerationRequest(p, max_tokens=40, stop_ids=[])])[0]
+    text = ref.text
+    assert len(text) >= 10, text
+    stop = text[5:8]
+    want = text[:text.find(stop)]
+    deltas = list(eng.stream_sync(GenerationRequest(p, max_tokens=40, stop=[stop], stop_ids=[])))
+    streamed = "".join(d.text for d in deltas)
+    assert streamed == want
+    assert deltas[-1].finish_reason == "stop"
+    assert all(stop not in d.text for d in deltas)
+    r = eng.generate([GenerationRequest(p, max_tokens=40, stop=[stop], stop_ids=[])])[0]
+    assert r.text == want and r.stop_reason == stop and r.finish_reason == "stop"
+
+
+def test_logprobs_match_full_forward(model):
+    p = prompts(1, seed=6)[0]
+    r = Engine(model, max_batch=2, max_seq_len=64).generate(
+        [GenerationRequest(p, max_tokens=8, temperature=0.8, seed=1, logprobs=True, stop_ids=[])])[0]
+    ids = torch.tensor([p + r.token_ids])
+    with torch.no_grad():
+        lsm = model(ids).logits[0].log_softmax(-1)
+    want = [lsm[len(p) - 1 + j, t].item() for j, t in enumerate(r.token_ids)]
+    assert np.allclose(r.logprobs, want, atol=1e-4)
+
+
+def test_repetition_penalty_matches_hand_rule(model):
+    p = prompts(1, seed=7)[0]
+    ids = list(p)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(torch.tensor([ids])).logits[0, -1].clone()
+            for t in set(ids):
+                logits[t] = logits[t] / 1.3 if logits[t] > 0 else logits[t] * 1.3
+            ids.append(int(logits.argmax()))
+    r = Engine(model, max_batch=2, max_seq_len=64).generate(
+        [GenerationRequest(p, max_tokens=10, repetition_penalty=1.3, stop_ids=[])])[0]
+    assert r.token_ids == ids[len(p):]
+
+
+def test_context_limit_cancel_and_queue(model):
+    eng = Engine(model, max_batch=2, max_seq_len=32, max_queue=2)
+    r = eng.generate([GenerationRequest(list(range(28)), max_tokens=100, stop_ids=[])])[0]
+    assert r.finish_reason == "length" and len(r.token_ids) == 4
+    with pytest.raises(ValueError, match="prompt_ids"):
+        eng.submit(GenerationRequest(list(range(32))))
+    with pytest.raises(ValueError, match="temperature"):
+        eng.submit(GenerationRequest([1, 2], temperature=-1))
+    h1 = eng.submit(GenerationRequest([1, 2, 3], max_tokens=20, stop_ids=[]))
+    h2 = eng.submit(GenerationRequest([4, 5, 6], max_tokens=20, stop_ids=[]))
+    with pytest.raises(QueueFull):
+        eng.submit(GenerationRequest([7]))
+    eng.step()
+    eng.step()
+    assert eng.metrics.active_slots == 2
+    eng.cancel(h1.request_id)
+    eng.step()
+    got = h1.result().token_ids
+    assert h1.result().finish_reason == "cancelled" and 0 < len(got) < 20
+    assert got == greedy_ref(model, [1, 2, 3], len(got))
+    assert eng.metrics.active_slots == 1 and eng.metrics.requests_cancelled == 1
+    while eng.has_work():
+        eng.step()
+    assert h2.result().token_ids == greedy_ref(model, [4, 5, 6], 20)
+
+
+def test_runner_thread_and_async_stream(model):
+    eng = Engine(model, max_batch=4, max_seq_len=64).start()
+    try:
+        ps = prompts(3, seed=8)
+        res = eng.generate([GenerationRequest(p, max_tokens=6, stop_ids=[]) for p in ps])
+        assert [r.token_ids for r in res] == [greedy_ref(model, p, 6) for p in ps]
+
+        async def collect():
+            out = []
+            async for d in eng.stream(GenerationRequest(ps[0], max_tokens=6, stop_ids=[])):
+                out += d.token_ids
+            return out
+
+        assert asyncio.run(collect()) == res[0].token_ids
+    finally:
+        eng.shutdown()
+    assert not eng.running
+
+
+def test_backends_chat_and_loglik(tmp_path, model):
+    from angelmed.checkpoint import save_model
+    from angelmed.infer.backends import local_chat_backend, local_loglik_backend
+
+    save_model(model, tmp_path / "m")
+    tok = ByteTokenizer()
+    chat = local_chat_backend(tmp_path / "m", tokenizer=tok, max_batch=2, max_seq_len=128)
+    convs = [[{"role": "user", "content": "Hi"}], [{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "Headache?"}]]
+    replies = chat.generate(convs, max_tokens=5, temperature=0.0)
+    for conv, reply in zip(convs, replies):
+        ids = tok.encode(tok.render_chat(conv, add_generation_prompt=True))
+        want = [t for t in greedy_ref(model, ids, 5)]
+        cut = next((k for k, t in enumerate(want) if t in tok.stop_ids), len(want))
+        assert reply == tok.decode(want[:cut], skip_special_tokens=True)
+
+    ll = local_loglik_backend(tmp_path / "m", tokenizer=tok, batch_size=2)
+    reqs = [([1, 2, 3], [4, 5]), ([7] * 10, [8]), ([9, 9], [1, 2, 3, 4])]
+    got = ll.loglik(reqs)
+    with torch.no_grad():
+        for (ctx, cont), g in zip(reqs, got):
+            lsm = model(torch.tensor([ctx + cont])).logits[0].log_softmax(-1)
+            want = sum(lsm[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+            assert abs(g - want) < 1e-4
+    assert ll.tokenizer is tok

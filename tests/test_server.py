@@ -1,0 +1,224 @@
+"""The OpenAI-compatible server, driven by the real `openai` client against uvicorn on 127.0.0.1."""
+
+import contextlib
+import json
+import socket
+import sys
+import threading
+import time
+import types
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from angelmed import MEDICAL_ADVISORY
+from angelmed.checkpoint import load_model, save_model
+from angelmed.infer.engine import Engine, GenerationRequest
+from angelmed.infer.generate import generate
+from angelmed.serve.app import ServerConfig, create_app
+from test_engine import ByteTokenizer, tiny_model
+
+MODEL = "tiny-med"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+def make_tokenizer():
+    tok = ByteTokenizer()
+    tok.stop_ids = []  # a random model could emit a stop id anywhere; these tests want predictable lengths
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(tiny_model(0), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    model = load_model(tiny_dir, dtype="float32")
+    tok = make_tokenizer()
+    engine = Engine(model, tokenizer=tok, max_batch=4, max_seq_len=4096)
+    app = create_app(engine, tok, ServerConfig(served_model_name=MODEL, safety=False, sampling_defaults={}))
+    with running_server(app) as url:
+        yield url, model, tok, engine
+
+
+def client(url, **kw):
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, timeout=30, **kw)
+
+
+def expected_reply(model, tok, messages, n):
+    ids = tok.encode(tok.render_chat(messages, add_generation_prompt=True))
+    out = generate(model, torch.tensor([ids]), n)[0].tolist()
+    return tok.decode(out, skip_special_tokens=True)
+
+
+MSGS = [{"role": "system", "content": "You are a careful assistant."}, {"role": "user", "content": "Fever of 39C?"}]
+
+
+def test_models_health_page(server):
+    url, *_ = server
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    raw = httpx.get(url + "/v1/models").json()
+    assert raw["data"][0]["metadata"]["medical_advisory"] == MEDICAL_ADVISORY
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "Medical advisory" in page.text and "/v1/chat/completions" in page.text
+
+
+def test_chat_non_stream_and_stream(server):
+    url, model, tok, _ = server
+    c = client(url)
+    want = expected_reply(model, tok, MSGS, 12)
+    r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(
+        tok.encode(tok.render_chat(MSGS, add_generation_prompt=True)))
+
+    chunks = list(c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+    with httpx.stream("POST", url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": MSGS, "max_tokens": 4, "temperature": 0, "stream": True}) as resp:
+        lines = [ln for ln in resp.iter_lines() if ln]
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_stop_and_max_tokens(server):
+    url, model, tok, _ = server
+    c = client(url)
+    full = expected_reply(model, tok, MSGS, 40)
+    stop = full[10:13]
+    r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=40, temperature=0, stop=[stop])
+    assert r.choices[0].message.content == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+    r = c.completions.create(model=MODEL, prompt="Aspirin dose", max_tokens=5, temperature=0)
+    want = tok.decode(generate(model, torch.tensor([tok.encode("Aspirin dose")]), 5)[0].tolist(),
+                      skip_special_tokens=True)
+    assert r.choices[0].text == want and r.usage.completion_tokens == 5
+
+
+def test_errors_are_4xx_with_message_and_server_survives(server):
+    url, *_ = server
+    c = client(url)
+    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "tiny-med", "messages": [',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "temperature": "hot"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    assert "temperature" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "doctor",
+                                                                                    "content": "x"}]})
+    assert r.status_code == 400 and "messages.0.role" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=10**9)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 5000}], max_tokens=4)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.chat.completions.create(model="gpt-4", messages=MSGS, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        c.chat.completions.create(model=MODEL, messages=[], max_tokens=4)
+    r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    url, *_ = server
+    cancelled0 = metric(url, "angelmed_requests_cancelled_total")
+    with httpx.stream("POST", url + "/v1/chat/completions", json={
+            "model": MODEL, "messages": MSGS, "max_tokens": 4000, "temperature": 0, "stream": True}) as resp:
+        it = resp.iter_lines()
+        got = [next(it) for _ in range(6)]
+        assert any(g.startswith("data: ") for g in got)
+        assert metric(url, "angelmed_active_slots") == 1
+    deadline = time.monotonic() + 10
+    while metric(url, "angelmed_active_slots") != 0 or metric(url, "angelmed_requests_cancelled_total") == cancelled0:
+        assert time.monotonic() < deadline, httpx.get(url + "/metrics").text
+        time.sleep(0.05)
+    text = httpx.get(url + "/metrics").text
+    assert "angelmed_generated_tokens_total" in text and "angelmed_queue_depth 0" in text
+
+
+def test_api_key_queue_full_and_safety_layer(tiny_dir, monkeypatch):
+    # a stand-in SafetyGuard with the agreed interface (the real one is angelmed.safety)
+    class FakeGuard:
+        def __init__(self, enabled=True):
+            self.enabled = enabled
+
+        def guidance_suffix(self, user_text, reply_so_far):
+            return "\n\n[see a doctor]" if "[see a doctor]" not in reply_so_far else ""
+
+        def ensure_guidance(self, user_text, reply):
+            return reply + self.guidance_suffix(user_text, reply)
+
+    monkeypatch.setitem(sys.modules, "angelmed.safety", types.SimpleNamespace(SafetyGuard=FakeGuard))
+    model = load_model(tiny_dir, dtype="float32")
+    tok = make_tokenizer()
+    engine = Engine(model, tokenizer=tok, max_batch=1, max_seq_len=4096, max_queue=1)
+    app = create_app(engine, tok, ServerConfig(served_model_name=MODEL, api_key="sekrit", sampling_defaults={}))
+    with running_server(app) as url:
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").models.list()
+        c = client(url, api_key="sekrit")
+        want = expected_reply(model, tok, MSGS, 6)
+        r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == want + "\n\n[see a doctor]"
+        chunks = list(c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=6, temperature=0,
+                                                stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want + "\n\n[see a doctor]"
+        # one slot busy + one request queued = full: the next request is refused with 429
+        h1 = engine.submit(GenerationRequest([1, 2, 3], max_tokens=3000, stop_ids=[]))
+        while not (engine.slots[0] is not None and not engine._pending):
+            time.sleep(0.01)
+        h2 = engine.submit(GenerationRequest([1, 2, 3], max_tokens=3000, stop_ids=[]))
+        with pytest.raises(openai.RateLimitError):
+            c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2)
+        engine.cancel(h1.request_id)
+        engine.cancel(h2.request_id)
+        assert h1.result(10).finish_reason == h2.result(10).finish_reason == "cancelled"
+        r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
