@@ -169,8 +169,8 @@ def prompt_ids(ckpt: Path, n: int, length: int) -> list[list[int]]:
 def run_vllm(ckpt: Path, jobs: list[dict], dtype: str, max_model_len: int, max_num_seqs: int,
              omp_bind: str = "auto", venv: Path = VENV, log_path: Path | None = None, timeout: int = 1800) -> dict:
     """Run `jobs` (see vllm_runner.py) in a fresh vLLM process; its log goes to `log_path`."""
-    spec = {"model": str(ckpt), "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
-            "jobs": jobs}
+    spec = {"model": str(Path(ckpt).resolve()), "dtype": dtype, "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs, "jobs": jobs}
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=omp_bind,
                PYTHONPATH="", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
     env.pop("ANGELMED_NO_TCMALLOC", None)
