@@ -52,7 +52,14 @@ def test_unknown_source_and_role_errors(tmp_path):
 def test_registry_training_sets_match_evaluation_table():
     allowed = {n for n, s in REGISTRY.items() if not s.train_forbidden}
     assert allowed == {"medquad", "pubmedqa", "chatdoctor", "chinese_medical_dialogue", "medicalgpt_samples",
-                       "huatuogpt_o1_demo", "hpo", "icd10cm"}
+                       "huatuogpt_o1_demo", "hpo", "icd10cm", "safety_prompts"}  # the last: in-project
+
+
+def test_packaged_safety_prompts_are_rl_only():
+    records = list(open_source("safety_prompts", "rl"))
+    assert len(records) >= 30 and all(r.messages[-1]["role"] == "user" for r in records)
+    with pytest.raises(ValueError, match="roles"):
+        open_source("safety_prompts", "sft")
 
 
 # ---------------------------------------------------------------- shared datasets
