@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from angelmed.eval.backends import TorchLoglik
-from angelmed.eval.extract import extract_choice, extract_yes_no_maybe
+from angelmed.extract import extract_choice, extract_label
 from angelmed.eval.mcq import MCQConfig, evaluate_generative, evaluate_loglik, loglik_requests
 from angelmed.eval.mcq_data import (MCQItem, MCQTask, doc_to_text, load_task, loglik_context)
 from angelmed.eval.stats import macro_f1, wilson_interval
@@ -55,8 +55,8 @@ def test_extract_choice_ten_options_and_pronoun_i():
     ("Yes.", "yes"), ("The answer is no", "no"), ("No... actually maybe.", "maybe"),
     ("<think>yes or no?</think>Maybe", "maybe"), ("unclear", None), ("Nothing", None),
 ])
-def test_extract_yes_no_maybe(text, expected):
-    assert extract_yes_no_maybe(text) == expected
+def test_extract_label(text, expected):
+    assert extract_label(text) == expected
 
 
 # --------------------------------------------------------------------------------------------------- prompts

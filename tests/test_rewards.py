@@ -10,7 +10,7 @@ import pytest
 
 from angelmed.rewards import WeightedReward, acombine, build_rewards, combine, reward_stats
 from angelmed.rewards.dose import parse_count, parse_doses
-from angelmed.rewards.extract import extract_choice, extract_label, extract_number, strip_reasoning
+from angelmed.extract import extract_choice, extract_label, extract_number, strip_reasoning
 from angelmed.rewards.format import (
     FormatReward,
     LengthReward,

@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 from angelmed.eval.backends import ChatBackend, LoglikBackend, Tokenizer
-from angelmed.eval.extract import extract_choice, extract_yes_no_maybe
+from angelmed.extract import extract_choice, extract_label
 from angelmed.eval.healthbench import DEFAULT_SYSTEM_PROMPT
 from angelmed.eval.mcq_data import (LETTERS, PUBMEDQA_LABELS, MCQItem, MCQTask, choice_strings, generative_prompt,
                                     loglik_context, select_shots)
@@ -78,7 +78,7 @@ def predict_generative(task: MCQTask, items: list[MCQItem], backend: ChatBackend
     predictions: list[int | None] = []
     for item, reply in zip(items, replies):
         if task.is_yes_no_maybe:
-            label = extract_yes_no_maybe(reply)
+            label = extract_label(reply)
             predictions.append(PUBMEDQA_LABELS.index(label) if label else None)
         else:
             letter = extract_choice(reply, list(item.options))

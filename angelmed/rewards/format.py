@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from angelmed.rewards.base import text_of
-from angelmed.rewards.extract import strip_reasoning
+from angelmed.extract import strip_reasoning
 
 _CJK_RANGE = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _UNIT_RE = re.compile(rf"[{_CJK_RANGE}]|[^\W_{_CJK_RANGE}]+")

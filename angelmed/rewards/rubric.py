@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from angelmed.rewards.base import as_messages, text_of
-from angelmed.rewards.extract import strip_reasoning as _strip_reasoning
+from angelmed.extract import strip_reasoning as _strip_reasoning
 
 
 def _item(points: int, criterion: str, axis: str) -> dict:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from angelmed.rewards.base import text_of, user_text_of
 from angelmed.rewards.dose import DoseMention, parse_doses
-from angelmed.rewards.extract import strip_reasoning
+from angelmed.extract import strip_reasoning
 from angelmed.safety import CATEGORIES, detect_red_flags, has_urgent_guidance
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from angelmed.rewards.base import text_of
-from angelmed.rewards.extract import LETTERS, extract_choice, extract_label, extract_number
+from angelmed.extract import LETTERS, extract_choice, extract_label, extract_number
 
 
 def _column(columns: dict, key: str, n: int, reward: str, required: bool = True) -> list:

@@ -1,4 +1,4 @@
-"""Answer extraction for verifiable rewards: the chosen option letter, a yes/no/maybe label, a number.
+"""Answer extraction, shared by MCQ evaluation and verifiable rewards: the chosen option letter, a label, a number.
 
 Choice cascade (evaluation.md §2.3): drop reasoning (text after the last "</think>" or "## Final Response"), then
   1. explicit phrases: "the answer is (B)", "Answer: B", "correct option is B", "答案是B", "答案：B", "选B", "B项正确";
