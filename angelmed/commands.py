@@ -177,12 +177,15 @@ def convert(argv: list[str]) -> int:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     ap.add_argument("--fp8", action="store_true", help="write the official block-FP8 format")
     ap.add_argument("--shards", type=int, default=None, help="number of safetensors shards")
+    ap.add_argument("--drop-mtp", action="store_true", help="leave out the MTP layers (vLLM has no MTP for this model)")
     ap.add_argument("--hf-remote-code", action="store_true",
                     help="also write modeling/config files so transformers loads it with trust_remote_code")
     a = ap.parse_args(argv)
     if Path(a.dst).resolve() == Path(a.src).resolve():
         raise ValueError("convert: dst must differ from src")
     model = load_model(a.src, dtype="float32" if a.fp8 else a.dtype)
+    if a.drop_mtp:
+        model.drop_mtp()
     save_model(model, a.dst, dtype=a.dtype, fp8=a.fp8, shards=a.shards,
                generation_config=read_generation_config(a.src) or None)
     _copy_tokenizer(Path(a.src), Path(a.dst))

@@ -430,6 +430,12 @@ class Transformer(nn.Module):
         layer = self.model.layers[self.num_layers + depth]
         return layer(self.model.word_embeddings(ids_BT), h_prev_BTD, rope, mask, pos_BT, cache, forced_idx)
 
+    def drop_mtp(self) -> "Transformer":
+        """Remove the MTP layers in place (for engines without MTP, e.g. vLLM's BailingMoeV2)."""
+        del self.model.layers[self.num_layers:]
+        self.config = self.config.replace(num_nextn_predict_layers=0)
+        return self
+
     def make_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None,
                     mtp: bool = False) -> list[KVCache]:
         cfg = self.config

@@ -69,22 +69,6 @@ def has_vllm(venv: Path = VENV) -> bool:
 
 
 # ---- export ----------------------------------------------------------------------------------------
-def drop_mtp(model: Transformer) -> Transformer:
-    """The same network without its MTP layers (num_nextn_predict_layers=0, tensors model.layers.{L+} gone).
-    vLLM has no MTP for BailingMoeV2 and its loader rejects the extra layers' tensors."""
-    cfg = model.config
-    if cfg.num_nextn_predict_layers == 0:
-        return model
-    out = empty_model(cfg.replace(num_nextn_predict_layers=0), model.model.word_embeddings.weight.dtype)
-    mtp_prefixes = tuple(f"model.layers.{i}." for i in range(cfg.num_hidden_layers, model.model.layers.__len__()))
-    kept = {k: v for k, v in model.state_dict().items() if not k.startswith(mtp_prefixes) and k != "inv_freq"}
-    missing, unexpected = out.load_state_dict(kept, strict=False)
-    missing = [m for m in missing if m != "inv_freq"]
-    if missing or unexpected:
-        raise RuntimeError(f"drop_mtp: state dicts do not line up: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return out.eval()
-
-
 def medquad_answers(root: Path, max_chars: int) -> Iterator[str]:
     """Answer texts of MedQuAD XML files (sorted, deterministic) until `max_chars` are yielded.
     Unparsable files are skipped and counted."""
@@ -129,7 +113,7 @@ def export_checkpoint(out_dir: Path, preset: str = "small", dtype: str = "float3
         for m in model.modules():
             if hasattr(m, "expert_bias"):
                 m.expert_bias.copy_(torch.randn(m.expert_bias.shape, generator=gen) * 0.05)
-    model = drop_mtp(model)
+    model = model.drop_mtp()
     out_dir = Path(out_dir)
     save_model(model, out_dir, dtype=dtype)
     from angelmed.hf_remote import export_remote_code  # vLLM loads the config class with trust_remote_code
