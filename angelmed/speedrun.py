@@ -169,7 +169,8 @@ def _eta(cfg: dict, run_dir: Path, upcoming: list[str]) -> str:
         if p.name in budgets:
             spent += json.loads(p.read_text())["seconds"]
             planned += budgets[p.name]
-    scale = spent / planned if planned else 1.0
+    # trust the measured pace only once a real share of the plan has run, and never by more than 3x
+    scale = min(max(spent / planned, 1 / 3), 3.0) if planned >= 120 else 1.0
     left = sum(budgets.get(s, 0) for s in upcoming) * scale
     return f"~{left / 60:.0f} min left" if left else "unknown"
 
