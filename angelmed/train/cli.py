@@ -14,6 +14,7 @@ import sys
 STAGES: dict[str, tuple[str, str, str]] = {
     "cpt": ("angelmed.train.cpt", "main", "continual pre-training on packed documents (MTP, expert-bias balance)"),
     "sft": ("angelmed.train.sft", "main", "supervised fine-tuning on chats, assistant-only loss, packed"),
+    "draft": ("angelmed.train.draft", "main", "EAGLE-3 draft for a trained target (--target MODEL_DIR)"),
 }
 
 
