@@ -196,3 +196,22 @@ def _bad_dir(tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text('{"architectures": ["BailingMoeV2ForCausalLM"]}')
     return bad
+
+
+def test_sglang_command_for_eagle3_drafts(tmp_path, target, trained, capsys):
+    from angelmed.serve.cli import main
+
+    save_model(target, tmp_path / "model")
+    llama = tmp_path / "llama_eagle3"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"]}')
+    assert main([str(tmp_path / "model"), "--backend", "sglang", "--draft", str(llama), "--spec-tokens", "4"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[cmd.index("--speculative-algorithm") + 1] == "EAGLE3"
+    assert cmd[cmd.index("--speculative-draft-model-path") + 1] == str(llama.resolve())
+    assert cmd[cmd.index("--speculative-num-steps") + 1] == "4"
+    assert cmd[cmd.index("--speculative-num-draft-tokens") + 1] == "5"
+    trained.save(tmp_path / "ours")  # our layout: SGLang cannot load it, so it is dropped with a warning
+    assert main([str(tmp_path / "model"), "--backend", "sglang", "--draft", str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr()
+    assert "--speculative-algorithm" not in out.out and "LlamaForCausalLMEagle3" in out.err

@@ -101,7 +101,9 @@ def _is_sglang_eagle3(path: str) -> bool:
         arch = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         return False
-    return any("Eagle3" in a for a in arch)
+    from angelmed.draft import DRAFT_ARCH
+
+    return any("Eagle3" in a and a != DRAFT_ARCH for a in arch)  # ours is named ...Eagle3Draft too
 
 
 def _sampling_defaults(model_dir: str) -> dict:

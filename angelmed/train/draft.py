@@ -150,12 +150,20 @@ def load_target_tokenizer(spec: str, target_dir: str, vocab_size: int):
 
 
 def _conversations(cfg: DraftRunConfig, split: str):
-    """Chats of every configured source, in order, from the hashed train / held-out split."""
+    """Chats of the configured sources from the hashed train / held-out split, taken round-robin (one chat per
+    source in turn), so a prefix of the stream covers every source."""
     from angelmed.data.sources import open_source
     from angelmed.train.data import source_specs, split_records
 
-    for spec, _ in source_specs(cfg.data.sources):
-        yield from split_records(open_source(spec, "sft", cfg.data.data_root), split, cfg.data.heldout_fraction)
+    streams = [split_records(open_source(spec, "sft", cfg.data.data_root), split, cfg.data.heldout_fraction)
+               for spec, _ in source_specs(cfg.data.sources)]
+    while streams:
+        for s in list(streams):
+            conv = next(s, None)
+            if conv is None:
+                streams.remove(s)
+            else:
+                yield conv
 
 
 def prompt_ids(tokenizer, messages: list[dict], max_len: int) -> list[int] | None:
