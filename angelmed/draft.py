@@ -2,12 +2,20 @@
 
     g_t   = fc(cat[h_low_t, h_mid_t, h_high_t])                  fused target features at position t
     u_t   = eh_proj(cat[enorm(E[x_{t+1}]), hnorm(g_t)])           with the target's (frozen) embedding
-    o_t   = final_norm(block(u_t))                                one dense decoder layer
-    p_t   = softmax(lm_head(o_t))                                 target's (frozen) lm_head: predicts x_{t+2}
+    o_t   = final_norm(block(u_t))                                one dense decoder layer (target's attention kind)
+    q_t   = softmax(W_head[vocab_map] o_t)                        target's (frozen) lm_head: predicts x_{t+2}
 
-Chained drafting feeds o_t back in place of g: step j at position t sees o^{(j-1)}_t and x_{t+j}, as an
-MTP layer's recursion does. Training runs these steps unrolled ("training-time test"), so the draft
-learns from its own features, not only from the target's.
+`vocab_map` (optional, EAGLE-3's reduced draft vocabulary) keeps only the rows of the frozen head for the most
+frequent target tokens, so each draft step costs a fraction of a full-vocabulary projection.
+
+Chained drafting feeds o back in place of g: step j (1-based) for base position t runs at RoPE position t+j-1,
+takes token x_{t+j} and o^{(j-1)}_t, and predicts x_{t+j+1}. At inference its attention sees the draft's cached
+step-1 states of positions <= t (computed from real target features) and its own chain states of base t.
+
+Training-time test (EAGLE-3): the steps are unrolled during training with exactly that attention pattern. Step j's
+keys are [step-1 keys of all positions (causal, same packed segment), step-2..j keys of the same base only
+(diagonal)], so the draft learns on its own multi-step rollouts under the inference-time view. `ttt_attention=False`
+gives the plain unrolled variant (each step causal over its own states), kept for comparison.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from angelmed.config import ModelConfig
-from angelmed.model import DecoderLayer, RMSNorm, Transformer, rope_cos_sin
+from angelmed.model import DecoderLayer, RMSNorm, Transformer, rope_cos_sin, rope_parameters
 
 DRAFT_ARCH = "AngelmedEagle3Draft"
+DRAFT_MODEL_TYPE = "angelmed_eagle3_draft"
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -33,18 +43,39 @@ class DraftConfig:
     feature_layers: tuple[int, int, int]  # target layers whose outputs are fused (low, middle, high)
     target: dict  # the target's ModelConfig (shapes of the draft's decoder layer come from it)
     intermediate_size: int | None = None  # dense MLP width of the draft layer (default: target's)
+    draft_vocab_size: int | None = None  # None: the full target vocabulary; else a frequent-token subset
 
     @classmethod
-    def for_target(cls, cfg: ModelConfig) -> "DraftConfig":
+    def for_target(cls, cfg: ModelConfig, feature_layers: tuple[int, ...] | None = None,
+                   intermediate_size: int | None = None, draft_vocab_size: int | None = None) -> "DraftConfig":
         L = cfg.num_hidden_layers
-        layers = (min(1, L - 1), L // 2, L - 1)
-        return cls(cfg.hidden_size, cfg.vocab_size, layers, cfg.to_dict(), cfg.intermediate_size)
+        layers = tuple(feature_layers) if feature_layers else (min(1, L - 1), L // 2, L - 1)
+        if len(layers) != 3 or not all(0 <= i < L for i in layers):
+            raise ValueError(f"feature_layers: expected 3 layer indices in [0, {L}), got {list(layers)}")
+        if draft_vocab_size is not None and not 0 < draft_vocab_size <= cfg.vocab_size:
+            raise ValueError(f"draft_vocab_size: expected 1..{cfg.vocab_size} (or None), got {draft_vocab_size}")
+        if draft_vocab_size == cfg.vocab_size:
+            draft_vocab_size = None
+        return cls(cfg.hidden_size, cfg.vocab_size, layers, cfg.to_dict(),
+                   intermediate_size or cfg.intermediate_size, draft_vocab_size)
 
     def target_config(self) -> ModelConfig:
         d = dict(self.target)
         d.update(first_k_dense_replace=1, num_hidden_layers=1, num_nextn_predict_layers=0,
                  intermediate_size=self.intermediate_size or d["intermediate_size"], quantization_config=None)
         return ModelConfig.from_dict(d, source="draft config")
+
+    def check_target(self, cfg: ModelConfig, where: str = "draft") -> None:
+        """Raise if this draft cannot serve a target of config `cfg` (shapes, layer indices)."""
+        problems = []
+        if cfg.hidden_size != self.hidden_size:
+            problems.append(f"hidden_size {self.hidden_size} vs target {cfg.hidden_size}")
+        if cfg.vocab_size != self.vocab_size:
+            problems.append(f"vocab_size {self.vocab_size} vs target {cfg.vocab_size}")
+        if max(self.feature_layers) >= cfg.num_hidden_layers:
+            problems.append(f"feature_layers {list(self.feature_layers)} vs target's {cfg.num_hidden_layers} layers")
+        if problems:
+            raise ValueError(f"{where}: does not fit the target model: " + "; ".join(problems))
 
 
 class DraftModel(nn.Module):
@@ -59,6 +90,13 @@ class DraftModel(nn.Module):
         self.eh_proj = nn.Linear(2 * H, H, bias=False)
         self.layer = DecoderLayer(cfg, moe=False)
         self.final_norm = RMSNorm(H, cfg.rms_norm_eps)
+        if dc.draft_vocab_size:
+            # target ids of the draft vocabulary (sorted); saved with the weights
+            self.register_buffer("vocab_map", torch.arange(dc.draft_vocab_size))
+        else:
+            self.vocab_map = None
+        # fp32 and not a buffer: casting the draft to bf16 must not round the rotary frequencies
+        self._inv_freq, self.rope_scaling = rope_parameters(cfg)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "DraftModel":
         g = torch.Generator().manual_seed(seed)
@@ -66,89 +104,220 @@ class DraftModel(nn.Module):
             with torch.no_grad():
                 if "norm" in name:
                     p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
+    def set_vocab(self, target_ids: Tensor | list[int]) -> None:
+        ids = torch.as_tensor(target_ids, dtype=torch.long).unique(sorted=True)
+        if self.vocab_map is None or ids.numel() != self.vocab_map.numel():
+            raise ValueError(f"set_vocab: expected {self.draft_config.draft_vocab_size} distinct ids, got {ids.numel()}")
+        if ids.min() < 0 or ids.max() >= self.draft_config.vocab_size:
+            raise ValueError(f"set_vocab: ids must lie in [0, {self.draft_config.vocab_size})")
+        self.vocab_map.copy_(ids.to(self.vocab_map.device))
+
+    # ---- the network -------------------------------------------------------------------------------------
     def fuse(self, feats: list[Tensor]) -> Tensor:
         return self.fc(torch.cat(feats, dim=-1))
+
+    def rope(self, pos_BT: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self._inv_freq.device != pos_BT.device:
+            self._inv_freq = self._inv_freq.to(pos_BT.device)
+        return rope_cos_sin(self._inv_freq, self.rope_scaling, pos_BT, dtype)
 
     def forward(self, emb_BTD: Tensor, g_BTD: Tensor, rope, mask, pos_BT=None, cache=None) -> Tensor:
         u = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(g_BTD)], dim=-1))
         u, _ = self.layer(u, rope, mask, pos_BT, cache)
         return self.final_norm(u)
 
-    # ---- persistence: an HF-style directory with its own config ------------------------------
-    def save(self, path: str | Path) -> None:
-        from angelmed.checkpoint import atomic_dir, atomic_write_text
+    def head_weight(self, target: Transformer) -> Tensor:
+        """Rows of the target's frozen lm_head that the draft scores (all rows without a vocab_map)."""
+        w = target.model.word_embeddings.weight if target.lm_head is None else target.lm_head.weight
+        w = w.detach()
+        return w if self.vocab_map is None else w[self.vocab_map]
+
+    # ---- persistence: an HF-style directory with its own config ------------------------------------------
+    def save(self, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
+        """Atomic directory write: config.json, model.safetensors (+ extra text files, e.g. training state)."""
         from safetensors.torch import save_file
+
+        from angelmed.checkpoint import atomic_dir
 
         with atomic_dir(path) as tmp:
             d = asdict(self.draft_config)
-            d.update(architectures=[DRAFT_ARCH], model_type="angelmed_eagle3_draft")
-            atomic_write_text(tmp / "config.json", json.dumps(d, indent=2) + "\n")
-            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+            d["feature_layers"] = list(d["feature_layers"])
+            d = {"architectures": [DRAFT_ARCH], "model_type": DRAFT_MODEL_TYPE, **d}
+            (tmp / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                       str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
 
     @classmethod
-    def load(cls, path: str | Path, dtype=torch.float32) -> "DraftModel":
+    def load(cls, path: str | Path, dtype=torch.float32, device="cpu") -> "DraftModel":
         from safetensors.torch import load_file
 
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"no draft config.json at {path}")
-        d = json.loads(cfg_file.read_text())
-        if DRAFT_ARCH not in d.get("architectures", []):
-            raise ValueError(f"{cfg_file}: not an angelmed draft model (architectures {d.get('architectures')})")
-        for k in ("architectures", "model_type"):
-            d.pop(k)
-        d["feature_layers"] = tuple(d["feature_layers"])
-        model = cls(DraftConfig(**d))
-        missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+        d = read_draft_config(path)
+        model = cls(d)
+        state = load_file(Path(path) / "model.safetensors")
+        missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: draft weights do not match its config: missing {missing}, unexpected {unexpected}")
-        return model.to(dtype).eval()
+            raise ValueError(f"{path}: draft weights do not match its config: missing {missing}, "
+                             f"unexpected {unexpected}")
+        model.to(device=device, dtype=dtype)
+        if model.vocab_map is not None:
+            model.vocab_map = model.vocab_map.long()
+        return model.eval()
 
 
+def is_draft_dir(path: str | Path) -> bool:
+    """True when `path` holds an angelmed EAGLE-3 draft (by its config's architectures)."""
+    f = Path(path) / "config.json"
+    try:
+        return DRAFT_ARCH in json.loads(f.read_text()).get("architectures", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_draft_config(path: str | Path) -> DraftConfig:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no draft config.json at {path}")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
+    if DRAFT_ARCH not in d.get("architectures", []):
+        raise ValueError(f"{cfg_file}: not an angelmed draft model (architectures {d.get('architectures')}, "
+                         f"expected [{DRAFT_ARCH!r}])")
+    d.pop("architectures")
+    d.pop("model_type", None)
+    known = set(DraftConfig.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cfg_file}: unknown draft config key(s) {unknown}")
+    missing = sorted(k for k in ("hidden_size", "vocab_size", "feature_layers", "target") if k not in d)
+    if missing:
+        raise ValueError(f"{cfg_file}: missing draft config key(s) {missing}")
+    d["feature_layers"] = tuple(d["feature_layers"])
+    return DraftConfig(**d)
+
+
+# ---- training ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def target_features(target: Transformer, ids_BT: Tensor, layers: tuple[int, ...], pos_BT=None) -> tuple[list[Tensor], Tensor]:
+def target_features(target: Transformer, ids_BT: Tensor, layers: tuple[int, ...], pos_BT=None,
+                    segment_BT=None) -> tuple[list[Tensor], Tensor]:
     """Hidden outputs of the chosen target layers and the target's logits (frozen teacher)."""
     feats: dict[int, Tensor] = {}
     hooks = [target.model.layers[i].register_forward_hook(
         lambda m, inp, out, i=i: feats.__setitem__(i, out[0])) for i in layers]
     try:
-        out = target(ids_BT, pos_BT=pos_BT)
+        out = target(ids_BT, pos_BT=pos_BT, segment_BT=segment_BT)
     finally:
         for h in hooks:
             h.remove()
     return [feats[i] for i in layers], out.logits
 
 
-def draft_loss(draft: DraftModel, target: Transformer, ids_BT: Tensor, steps: int = 3,
-               loss_mask_BT: Tensor | None = None) -> tuple[Tensor, list[float]]:
-    """Unrolled multi-step training loss. Step j (1-based) at position t predicts x_{t+j+1}; its target is
-    the frozen target model's distribution at position t+j (soft labels, forward KL). Returns the mean
-    loss and per-step top-1 agreement with the target's greedy token (a proxy for acceptance)."""
+class _StackedKV:
+    """Training-time-test 'cache': keeps every step's keys/values and returns them all, in step order."""
+
+    def __init__(self):
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+
+    def update(self, pos_BT: Tensor, k_BKTd: Tensor, v_BKTd: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.append(k_BKTd)
+        self.v.append(v_BKTd)
+        return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
+
+
+def _shift_left(x: Tensor, j: int, fill) -> Tensor:
+    """x[:, t + j] at column t (the last j columns filled)."""
+    pad = torch.full_like(x[:, :j], fill)
+    return torch.cat([x[:, j:], pad], dim=1)
+
+
+def unrolled_step_logits(draft: DraftModel, target: Transformer, ids_BT: Tensor, feats: list[Tensor], steps: int,
+                         pos_BT: Tensor | None = None, segment_BT: Tensor | None = None,
+                         ttt_attention: bool = True) -> list[Tensor]:
+    """Draft logits (fp32, over the draft vocabulary) of steps 1..steps for every base position t: entry j-1 is
+    [B, T, Vd], the prediction of x_{t+j+1}. Columns with t + j >= T are filler (callers mask them)."""
     B, T = ids_BT.shape
-    feats, t_logits = target_features(target, ids_BT, draft.draft_config.feature_layers)
-    t_logp = t_logits.log_softmax(-1)
-    pos = torch.arange(T, device=ids_BT.device).expand(B, T)
-    rope = rope_cos_sin(target.inv_freq, target.rope_scaling, pos, feats[0].dtype)
+    dev = ids_BT.device
+    if pos_BT is None:
+        pos_BT = torch.arange(T, device=dev).expand(B, T)
+    seg = torch.ones_like(ids_BT) if segment_BT is None else segment_BT
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    first_block = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B,1,T,T]
+    diag = torch.eye(T, dtype=torch.bool, device=dev).expand(B, 1, T, T)
+    head = draft.head_weight(target)
+    emb = target.model.word_embeddings
     g = draft.fuse(feats)
-    emb_all = target.model.word_embeddings(ids_BT).detach()
-    total, acc = 0.0, []
+    cache = _StackedKV() if ttt_attention else None
+    out = []
     for j in range(1, steps + 1):
-        n = T - j  # positions t with a next-token input x_{t+j}
-        if n <= 0:
+        ids_j = _shift_left(ids_BT, j, 0)
+        with torch.no_grad():
+            e = emb(ids_j)
+        if ttt_attention:
+            pos_j = pos_BT + (j - 1)  # where step j of base t runs at inference
+            mask = torch.cat([first_block] + [diag] * (j - 1), dim=-1)
+            o = draft(e, g, draft.rope(pos_j, g.dtype), mask, pos_j, cache)
+        else:
+            o = draft(e, g, draft.rope(pos_BT, g.dtype), first_block if segment_BT is not None else None)
+        out.append(F.linear(o, head).float())
+        g = o  # the next step sees the draft's own features
+    return out
+
+
+def draft_loss_from_features(draft: DraftModel, target: Transformer, ids_BT: Tensor, feats: list[Tensor],
+                             t_logits: Tensor, steps: int = 3, labels_BT: Tensor | None = None,
+                             pos_BT: Tensor | None = None, segment_BT: Tensor | None = None,
+                             ttt_attention: bool = True, step_weight: float = 1.0) -> tuple[Tensor, list[float]]:
+    """Training-time-test loss. Step j at base t predicts x_{t+j+1}; its soft label is the frozen target's
+    distribution at position t+j (restricted to the draft vocabulary and renormalised): forward KL.
+
+    labels_BT (packed-batch convention, -100 = no loss): labels[i] != -100 when token i+1 is to be predicted;
+    step j at base t counts when labels[t+j] != -100 and t+j lies in t's packed segment. step_weight w: step j is
+    weighted w^(j-1). Returns the loss and per-step top-1 agreement with the target's greedy token.
+    """
+    B, T = ids_BT.shape
+    logits = unrolled_step_logits(draft, target, ids_BT, feats, steps, pos_BT, segment_BT, ttt_attention)
+    t_logits = t_logits.detach()
+    t_top = t_logits.argmax(-1)
+    if draft.vocab_map is not None:
+        t_logits = t_logits[..., draft.vocab_map]
+    t_logp = t_logits.log_softmax(-1)
+    seg = torch.ones_like(ids_BT) if segment_BT is None else segment_BT
+    want = torch.ones_like(ids_BT, dtype=torch.bool) if labels_BT is None else labels_BT != IGNORE_INDEX
+    total, norm, agree = 0.0, 0.0, []
+    for j, logq in enumerate(logits, start=1):
+        if j >= T:
             break
-        emb = emb_all[:, j:]
-        o = draft(emb, g[:, :n], tuple(r[:, :n] for r in rope), None)
-        logp = target.logits_from_hidden(o).log_softmax(-1)
-        teacher = t_logp[:, j:].detach()  # target's prediction at t+j is the distribution of x_{t+j+1}
-        kl = (teacher.exp() * (teacher - logp)).sum(-1)
-        m = torch.ones_like(kl) if loss_mask_BT is None else loss_mask_BT[:, j:].float()
-        total = total + (kl * m).sum() / m.sum().clamp(min=1)
-        acc.append(((logp.argmax(-1) == teacher.argmax(-1)).float() * m).sum().item() / max(m.sum().item(), 1))
-        g = o  # training-time test: the next step sees the draft's own features
-    return total / max(len(acc), 1), acc
+        valid = torch.zeros_like(want)
+        valid[:, :T - j] = want[:, j:] & (seg[:, j:] == seg[:, :T - j])
+        m = valid.float()
+        teacher = _shift_left(t_logp, j, 0.0)
+        logq = logq.log_softmax(-1)
+        kl = (teacher.exp() * (teacher - logq)).sum(-1)
+        w = step_weight ** (j - 1)
+        total = total + w * (kl * m).sum() / m.sum().clamp(min=1)
+        norm += w
+        pred = logq.argmax(-1) if draft.vocab_map is None else draft.vocab_map[logq.argmax(-1)]
+        hit = (pred == _shift_left(t_top, j, -1)).float()
+        agree.append(float((hit * m).sum() / m.sum().clamp(min=1)))
+    return total / max(norm, 1e-9), agree
+
+
+def draft_loss(draft: DraftModel, target: Transformer, ids_BT: Tensor, steps: int = 3,
+               loss_mask_BT: Tensor | None = None, ttt_attention: bool = True) -> tuple[Tensor, list[float]]:
+    """Unrolled multi-step loss on plain (unpacked) rows. loss_mask_BT[b, i]: token i is to be predicted."""
+    feats, t_logits = target_features(target, ids_BT, draft.draft_config.feature_layers)
+    labels = None
+    if loss_mask_BT is not None:
+        labels = torch.where(_shift_left(loss_mask_BT.bool(), 1, False), 0, IGNORE_INDEX)
+    return draft_loss_from_features(draft, target, ids_BT, feats, t_logits, steps, labels,
+                                    ttt_attention=ttt_attention)

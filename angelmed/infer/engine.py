@@ -19,6 +19,7 @@ chat. Shape suffixes: B slots, T tokens, V vocab, S cache positions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -590,7 +591,9 @@ class Engine:
         # right padding is harmless: pad positions lie past the row's frontier and are overwritten before use
         pos = torch.arange(T, device=dev).expand(m, T)
         tmp = self.model.make_caches(m, T)
-        out = self.model(ids, pos_BT=pos, caches=tmp)
+        # [spec hook] an EAGLE-3 drafter reads intermediate target layers: SpecState.capture() taps them here
+        with self.spec.capture() if self.spec is not None else contextlib.nullcontext():
+            out = self.model(ids, pos_BT=pos, caches=tmp)
         last = torch.tensor([n - 1 for n in lens], device=dev)
         logits = out.logits[torch.arange(m, device=dev), last]
         idx = self._set_slot_params(slots, reqs)
@@ -602,7 +605,7 @@ class Engine:
         tok = pick_tokens(logits, self.temp_B[idx], self.topk_B[idx], self.topp_B[idx], self.seed_B[idx],
                           self.counter_B[idx], sample, filt)
         if self.spec is not None:
-            self.spec.absorb_prompt(idx, ids, out.hidden, lens, tok)
+            self.spec.absorb_prompt(idx, ids, self.spec.features(out), lens, tok)  # [spec hook]
         self.tok_B[idx] = tok
         self.pos_B[idx] = torch.tensor(lens, device=dev)
         self.active_B[idx] = 1

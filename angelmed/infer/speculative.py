@@ -13,11 +13,15 @@ Round for each active slot (latest token x at position P, not yet in the target 
 Drafters implement `DraftModel`; `MTPDrafter` uses the checkpoint's MTP layer (EAGLE/NEXTN style: the layer
 takes the target's final hidden state at t and the embedding of token t+1, and predicts t+2; further drafts
 feed the layer's own output hidden back in). `LMDrafter` is classic draft-model speculation with a small LM of
-the same vocabulary. Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
+the same vocabulary. `Eagle3Drafter` runs a separately trained EAGLE-3-style draft (angelmed.draft): it is fed
+the outputs of three target layers, which `FeatureTap` captures during the target's own prefill and verify
+forwards (a drafter asks for them with a `feature_layers` attribute and turns them into its hidden input with
+`fuse`). Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +34,7 @@ from angelmed.infer.sampling import apply_repetition_penalty
 from angelmed.model import KVCache, Transformer, rope_cos_sin
 
 if TYPE_CHECKING:
+    from angelmed.draft import DraftModel as Eagle3Model
     from angelmed.infer.engine import Engine
 
 
@@ -42,7 +47,7 @@ class ContextState:
     The last valid column is the newest token, whose successor the first draft predicts.
     """
     ids_BL: Tensor
-    hidden_BLD: Tensor
+    hidden_BLD: Tensor  # (or the drafter's fused features of the target layers it asked for)
     pos_BL: Tensor
     len_B: Tensor
     n: int
@@ -65,8 +70,9 @@ class DraftModel(Protocol):
     def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
         """Take in new prompts (right-padded) and the target's hidden states over them, for the given slots."""
 
-    def propose(self, state: ContextState, k: int) -> tuple[Tensor, Tensor]:
-        """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n)."""
+    def propose(self, state: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
+        """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n). q may be None when
+        state.sample is False: greedy rounds compare tokens only."""
 
 
 def probs_from_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, filt: bool,
@@ -223,6 +229,119 @@ class LMDrafter:
         return torch.stack(drafts, 1), torch.stack(qs, 1)
 
 
+class FeatureTap:
+    """Captures the outputs of chosen target layers during the forwards run inside `with tap:` (forward hooks,
+    registered on entry and removed on exit, so the target is untouched outside speculative forwards)."""
+
+    def __init__(self, model: Transformer, layers: tuple[int, ...]):
+        n = model.config.num_hidden_layers
+        if not layers or not all(0 <= i < n for i in layers):
+            raise ValueError(f"feature layers {list(layers)} must lie in [0, {n})")
+        self.model, self.layers = model, tuple(layers)
+        self.outputs: dict[int, Tensor] = {}
+        self._hooks: list = []
+
+    def __enter__(self) -> "FeatureTap":
+        self.outputs = {}
+        self._hooks = [self.model.model.layers[i].register_forward_hook(
+            lambda mod, inp, out, i=i: self.outputs.__setitem__(i, out[0])) for i in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def take(self) -> list[Tensor]:
+        missing = [i for i in self.layers if i not in self.outputs]
+        if missing:
+            raise RuntimeError(f"FeatureTap: no output captured for target layer(s) {missing}")
+        out, self.outputs = [self.outputs[i] for i in self.layers], {}
+        return out
+
+
+class Eagle3Drafter:
+    """Drafts with an EAGLE-3-style draft model (angelmed.draft.DraftModel) on top of `target`: the draft's one
+    decoder layer takes the fused low/middle/high target features at t and the target's embedding of token t+1,
+    and scores the next token with (a vocabulary subset of) the target's frozen lm_head. Further drafts feed the
+    layer's own output back (chain drafting). Keeps its own one-layer KV cache."""
+
+    def __init__(self, target: Transformer, draft: "Eagle3Model"):
+        dc = draft.draft_config
+        dc.check_target(target.config, "Eagle3Drafter")
+        w = target.model.word_embeddings.weight
+        self.model = target
+        self.draft = draft.to(device=w.device, dtype=w.dtype).eval()
+        self.feature_layers = tuple(dc.feature_layers)
+        self.kv: SlotCaches | None = None
+        self.cfg = dc.target_config()
+        with torch.no_grad():
+            self.head_W = draft.head_weight(target).contiguous()  # frozen: gather the subset once
+        self.vocab_map = None if draft.vocab_map is None else draft.vocab_map.to(w.device)
+
+    @torch.no_grad()
+    def fuse(self, feats: list[Tensor]) -> Tensor:
+        return self.draft.fuse([f.to(self.head_W.dtype) for f in feats])
+
+    def allocate(self, max_batch: int, max_len: int) -> None:
+        self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
+
+    def _cache(self, batch: int, max_len: int) -> KVCache:
+        w = self.head_W
+        return KVCache(batch, max_len, self.cfg.num_key_value_heads, self.cfg.head_dim, w.dtype, w.device)
+
+    def _run(self, ids_BT: Tensor, g_BTD: Tensor, pos_BT: Tensor, caches) -> Tensor:
+        mask = self.model.causal_mask(pos_BT, None, caches[0].k.shape[2])
+        emb = self.model.model.word_embeddings(ids_BT)
+        return self.draft(emb, g_BTD, self.draft.rope(pos_BT, g_BTD.dtype), mask, pos_BT, caches[0])
+
+    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
+        # position t sees (token t+1, features at t); the newest token is handled by the first propose
+        m, T = prompt_BT.shape
+        if T < 2:
+            return
+        pos = torch.arange(T - 1, device=prompt_BT.device).expand(m, T - 1)
+        tmp = [self._cache(m, T - 1)]
+        self._run(prompt_BT[:, 1:], hidden_BTD[:, :-1].to(self.head_W.dtype), pos, tmp)
+        self.kv.write_rows(slots, tmp)
+
+    def _full_logits(self, o_BD: Tensor) -> Tensor:
+        sub = F.linear(o_BD, self.head_W).float()
+        if self.vocab_map is None:
+            return sub
+        full = sub.new_full((sub.shape[0], self.model.config.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocab_map, sub)  # tokens outside the draft vocabulary: q = 0
+
+    def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
+        caches = self.kv.view(st.n, st.S)
+        rows = torch.arange(st.n, device=st.ids_BL.device)
+        h = self._run(st.ids_BL, st.hidden_BLD.to(self.head_W.dtype), st.pos_BL, caches)
+        last = st.len_B - 1
+        g_BD, pos_B = h[rows, last], st.pos_BL[rows, last]
+        seen = st.seen_BV
+        fast = not st.sample and seen is None  # greedy, no penalty: argmax over the draft vocabulary only
+        drafts, qs = [], []
+        for j in range(k):
+            if j > 0:  # chain: the draft's own output stands in for the target features
+                pos_B = pos_B + 1
+                g_BD = self._run(drafts[-1][:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
+            if fast:
+                d = F.linear(g_BD, self.head_W).argmax(-1)
+                drafts.append(d if self.vocab_map is None else self.vocab_map[d])
+                continue
+            logits = self._full_logits(g_BD)
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, st.pen_B)
+            q = probs_from_logits(logits, st.temp_B, st.topk_B, st.topp_B, st.filt, st.sample)
+            d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else logits.argmax(-1)
+            drafts.append(d)
+            qs.append(q)
+            if seen is not None:
+                seen = seen.clone()
+                seen[rows, d] = True
+        return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs else None)
+
+
 # ---- engine integration ------------------------------------------------------------------------------------
 @dataclass
 class SpecStats:
@@ -259,6 +378,16 @@ class SpecState:
         self.hidden_BLD = torch.zeros(B, K, D, dtype=engine.dtype, device=dev)
         self.len_B = torch.ones(B, dtype=torch.long, device=dev)
         self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
+        layers = getattr(engine.draft, "feature_layers", None)  # EAGLE-3 drafters want intermediate layers
+        self.tap = FeatureTap(engine.model, layers) if layers else None
+
+    def capture(self):
+        """Context for a target forward whose hidden states the drafter will read (prefill, verify)."""
+        return self.tap if self.tap is not None else contextlib.nullcontext()
+
+    def features(self, out) -> Tensor:
+        """What the drafter takes per target position: fused captured layers, or the final hidden state."""
+        return self.e.draft.fuse(self.tap.take()) if self.tap is not None else out.hidden
 
     def absorb_prompt(self, idx: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int],
                       first_tok: Tensor) -> None:
@@ -285,7 +414,8 @@ class SpecState:
             seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
         drafts, q = e.draft.propose(st, k)
         ids = torch.cat([e.tok_B[:n, None], drafts], dim=1)
-        out = e.model(ids, pos_BT=pos_B[:, None] + ar, caches=e.kv.view(n, S))
+        with self.capture():
+            out = e.model(ids, pos_BT=pos_B[:, None] + ar, caches=e.kv.view(n, S))
         raw = out.logits  # [n, k+1, V]
         logits = raw
         if penalty:
@@ -309,7 +439,7 @@ class SpecState:
         emitted = ar[None, :] <= a[:, None]
         e.seen_BV[:n].scatter_(1, torch.where(emitted, toks, toks[rows, a][:, None]), True)
         self.ids_BL[:n] = toks
-        self.hidden_BLD[:n] = out.hidden.to(self.hidden_BLD.dtype)
+        self.hidden_BLD[:n] = self.features(out).to(self.hidden_BLD.dtype)
         self.len_B[:n] = a + 1
         # one device->host copy: tokens, accepted counts (and log-probs) packed together
         parts = [toks.double(), a.double()[:, None]]

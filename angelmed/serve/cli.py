@@ -27,8 +27,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $ANGELMED_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
     p.add_argument("--draft", default=None,
-                   help="speculative decoding: 'mtp' (the checkpoint's own MTP layer) or a directory holding a "
-                        "draft checkpoint with an MTP layer fed the target's hidden states")
+                   help="speculative decoding: 'mtp' (the checkpoint's own MTP layer), an EAGLE-3 draft directory "
+                        "(`angelmed train draft`), or a draft checkpoint with an MTP layer fed the target's hidden "
+                        "states")
     p.add_argument("--spec-tokens", type=int, default=3, help="tokens drafted per speculative round")
     p.add_argument("--backend", choices=["native", "vllm", "sglang"], default="native")
     p.add_argument("--launch", action="store_true", help="with --backend vllm|sglang: exec the command")
@@ -60,9 +61,13 @@ def engine_command(args: argparse.Namespace, name: str) -> list[str]:
             cmd += ["--context-length", str(args.max_seq_len)]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
+        k = args.spec_tokens
         if args.draft == "mtp":  # SGLang's NEXTN draft = the checkpoint's MTP layer (one layer, topk 1)
-            k = args.spec_tokens
             cmd += ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(k),
+                    "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1)]
+        elif args.draft and _is_sglang_eagle3(args.draft):  # an EAGLE-3 draft in SGLang's own layout
+            cmd += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path",
+                    str(Path(args.draft).resolve()), "--speculative-num-steps", str(k),
                     "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1)]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
@@ -76,10 +81,29 @@ def _engine_warnings(args: argparse.Namespace) -> list[str]:
         out.append(f"{d} lacks configuration_bailing_moe_v2.py / modeling_bailing_moe_v2.py; --trust-remote-code "
                    "needs them (re-export with `angelmed convert --hf-remote-code`)")
     if args.backend == "vllm" and args.draft:
-        out.append("vLLM has no MTP/EAGLE support for BailingMoeV2; --draft is ignored for vllm")
-    if args.backend == "sglang" and args.draft and args.draft != "mtp":
-        out.append("only --draft mtp maps to SGLang (NEXTN); a separate draft dir is ignored")
+        out.append("vLLM has no MTP/EAGLE support for BailingMoeV2; --draft is ignored for vllm (docs/draft.md)")
+    if args.backend == "sglang" and args.draft and args.draft != "mtp" and not _is_sglang_eagle3(args.draft):
+        from angelmed.draft import is_draft_dir
+
+        if is_draft_dir(args.draft):
+            out.append(f"{args.draft} is an angelmed EAGLE-3 draft, whose layer layout SGLang does not load "
+                       "(it expects LlamaForCausalLMEagle3); the draft is ignored for sglang (docs/draft.md)")
+        else:
+            out.append("only --draft mtp or an EAGLE-3 draft in SGLang's layout map to SGLang; the draft is ignored")
     return out
+
+
+def _is_sglang_eagle3(path: str) -> bool:
+    """A draft directory in SGLang/vLLM's EAGLE-3 layout (LlamaForCausalLMEagle3 and relatives)."""
+    import json
+
+    try:
+        arch = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    from angelmed.draft import DRAFT_ARCH
+
+    return any("Eagle3" in a and a != DRAFT_ARCH for a in arch)  # ours is named ...Eagle3Draft too
 
 
 def _sampling_defaults(model_dir: str) -> dict:
@@ -103,6 +127,32 @@ def _stop_ids(model_dir: str, tokenizer) -> list[int]:
     return ids
 
 
+def make_drafter(model, draft: str | None, dtype: str | None = None, device: str = "cpu"):
+    """The speculative drafter for `--draft`: None, 'mtp' (the target's own MTP layer), or a directory, dispatched
+    on its config's architectures: an angelmed EAGLE-3 draft (Eagle3Drafter) or a BailingMoeV2 checkpoint whose
+    MTP layer drafts (MTPDrafter)."""
+    if not draft:
+        return None
+    from angelmed.infer.speculative import Eagle3Drafter, MTPDrafter
+
+    if draft == "mtp":
+        return MTPDrafter(model)
+    d = Path(draft)
+    if not (d / "config.json").is_file():
+        raise ValueError(f"--draft {draft}: expected 'mtp' or a directory with a config.json")
+    from angelmed.draft import DraftModel, is_draft_dir
+
+    if is_draft_dir(d):
+        w = model.model.word_embeddings.weight
+        return Eagle3Drafter(model, DraftModel.load(d, dtype=w.dtype, device=w.device))
+    if _is_sglang_eagle3(draft):
+        raise ValueError(f"--draft {draft}: an EAGLE-3 draft in SGLang's LlamaForCausalLMEagle3 layout; the native "
+                         "engine serves drafts trained by `angelmed train draft` (use --backend sglang for this one)")
+    from angelmed.checkpoint import load_model
+
+    return MTPDrafter(load_model(d, dtype=dtype, device=device))
+
+
 def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = None, dtype: str | None = None,
                  device: str = "cpu", draft: str | None = None, spec_tokens: int = 3, max_queue: int = 256,
                  compile: bool = False, tokenizer=None):
@@ -113,12 +163,7 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
 
     model = load_model(model_dir, dtype=dtype, device=device)
     tokenizer = tokenizer or load_tokenizer(model_dir)
-    drafter = None
-    if draft:
-        from angelmed.infer.speculative import MTPDrafter
-
-        source = model if draft == "mtp" else load_model(draft, dtype=dtype, device=device)
-        drafter = MTPDrafter(source)
+    drafter = make_drafter(model, draft, dtype, device)
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                     stop_ids=_stop_ids(model_dir, tokenizer), max_queue=max_queue, compile=compile,
                     draft=drafter, spec_tokens=spec_tokens)

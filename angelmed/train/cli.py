@@ -15,6 +15,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "cpt": ("angelmed.train.cpt", "main", "continual pre-training on packed documents (MTP, expert-bias balance)"),
     "sft": ("angelmed.train.sft", "main", "supervised fine-tuning on chats, assistant-only loss, packed"),
     "grpo": ("angelmed.train.grpo", "main", "GRPO/DAPO on RL prompts: engine rollouts, rewards, routing replay"),
+    "draft": ("angelmed.train.draft", "main", "EAGLE-3 draft for a trained target (--target MODEL_DIR)"),
 }
 
 

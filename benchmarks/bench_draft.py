@@ -1,0 +1,186 @@
+"""EAGLE-3 draft speed-up: serving throughput at concurrency 1, 8 and 32, with and without the draft.
+
+Target: `--target DIR` (a model trained by the pipeline). Without it, a self-contained stand-in is built once under
+`--work` and reused: a byte-level BPE tokenizer trained on the built-in ontology chats (ICD-10-CM + HPO) and the
+`small` preset trained by our SFT stage on those chats for `--target-steps` steps (a few minutes on CPU). When the
+shared data root is available, MedQuAD Q/A (long free-text answers, 60% of the tokens) joins the mix, so replies
+are paragraphs rather than one-line ontology answers.
+Draft: `--draft DIR`, or trained here by `angelmed.train.draft` (self-distilled on the target's own replies to
+training prompts, training-time-test loss, reduced draft vocabulary) and cached under `--work`.
+
+Throughput: held-out chat prompts (never seen by the target or the draft), greedy, up to `--new-tokens` tokens per
+reply with the tokenizer's stop ids; 2 x concurrency requests per measurement (the queue keeps every slot busy),
+best of `--repeats` alternating runs. Greedy outputs with the draft are asserted identical to those without it.
+
+    python benchmarks/bench_draft.py [--target DIR] [--draft DIR] [--k 3] [--threads 1]
+
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _common import setup  # noqa: E402
+
+EMBEDDED = [{"spec": "icd10cm", "weight": 0.2}, {"spec": "hpo", "weight": 0.2}]
+SOURCES = list(EMBEDDED)  # + MedQuAD (long answers) when the shared data root is there; set in main()
+
+
+def build_tokenizer(out: Path, vocab_size: int):
+    from angelmed.data.sources import open_source
+    from angelmed.tokenizer import Tokenizer
+
+    if (out / "tokenizer.json").is_file():
+        return Tokenizer.load(out)
+    texts = []
+    for s in SOURCES:
+        for conv in open_source(s["spec"], "sft"):
+            texts.append("\n".join(m.get("content") or "" for m in conv.messages))
+    tok = Tokenizer.train(texts, vocab_size)
+    tok.save(out)
+    return tok
+
+
+def build_target(work: Path, steps: int, threads: int) -> Path:
+    """The `small` preset, SFT-trained from scratch on the ontology chats (our training stage, our tokenizer)."""
+    from angelmed.train.config import load_config
+    from angelmed.train.sft import run
+
+    model_dir = work / "target" / "model"
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    from angelmed.config import get_preset
+
+    tok = build_tokenizer(work / "tokenizer", get_preset("small").vocab_size)
+    print(f"building the stand-in target: small preset, SFT {steps} steps on {[s['spec'] for s in SOURCES]} "
+          f"(tokenizer {tok.vocab_size} ids)", flush=True)
+    cfg = load_config("sft", None, [
+        "--model.preset", "small", "--data.tokenizer", str(work / "tokenizer"),
+        "--data.sources", json.dumps(SOURCES), "--data.seq_len", "384", "--data.micro_batch_size", "8",
+        "--optim.lr", "3e-3", "--optim.schedule", "cosine", "--optim.warmup_steps", "20",
+        "--train.steps", str(steps), "--train.run_dir", str(work / "target"), "--train.eval_every", "0",
+        "--train.log_every", "25", "--train.tensorboard", "false", "--train.progress", "false",
+        "--train.export_dtype", "float32", "--train.threads", str(threads), "--train.resume", "never"])
+    t0 = time.perf_counter()
+    run(cfg)
+    print(f"target trained in {time.perf_counter() - t0:.0f} s -> {model_dir}", flush=True)
+    return model_dir
+
+
+def build_draft(work: Path, target: Path, args) -> Path:
+    from angelmed.train.draft import load_draft_config, run
+
+    out = work / "draft"
+    if (out / "best" / "config.json").is_file():
+        return out / "best"
+    cfg = load_draft_config(None, [
+        "--data.sources", json.dumps(SOURCES), "--data.seq_len", "384", "--data.micro_batch_size", "8",
+        "--draft.draft_vocab_size", str(args.draft_vocab), "--distill.regenerate", str(args.regenerate),
+        "--distill.max_new_tokens", "160", "--distill.batch", "32",
+        "--train.steps", str(args.draft_steps), "--train.eval_every", str(max(1, args.draft_steps // 3)),
+        "--train.lr", "3e-3", "--train.warmup_steps", "20", "--train.eval_spec_tokens", str(args.k),
+        "--train.eval_max_tokens", "96", "--train.eval_prompts", "16", "--train.log_every", "25",
+        "--train.threads", str(args.threads), "--train.out_dir", str(out)], str(target))
+    t0 = time.perf_counter()
+    s = run(cfg)
+    print(f"draft trained in {time.perf_counter() - t0:.0f} s: held-out acceptance length "
+          f"{s['initial']['mean_accept_length']:.2f} -> {s['best']['mean_accept_length']:.2f} (k={args.k})", flush=True)
+    return out / "best"
+
+
+def measure(model, prompts, new_tokens: int, stop_ids, conc: int, drafter=None, k: int = 3):
+    from angelmed.infer.engine import Engine, GenerationRequest
+
+    eng = Engine(model, max_batch=conc, max_seq_len=max(map(len, prompts)) + new_tokens + 1, stop_ids=stop_ids,
+                 draft=drafter, spec_tokens=k)
+    t = time.perf_counter()
+    res = eng.generate([GenerationRequest(p, max_tokens=new_tokens) for p in prompts])
+    dt = time.perf_counter() - t
+    toks = sum(len(r.token_ids) for r in res)
+    return [r.token_ids for r in res], toks / dt, (eng.spec.stats.as_dict() if eng.spec is not None else None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default=None, help="trained target model dir (default: build the stand-in)")
+    ap.add_argument("--draft", default=None, help="draft dir (default: train one for the target)")
+    ap.add_argument("--work", default="runs/bench_draft", help="cache for the stand-in target and the draft")
+    ap.add_argument("--target-steps", type=int, default=300)
+    ap.add_argument("--draft-steps", type=int, default=300)
+    ap.add_argument("--draft-vocab", type=int, default=1024)
+    ap.add_argument("--regenerate", type=int, default=512, help="training prompts the target answers (distill)")
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+                    help="shared data root (MedQuAD); without it only the built-in ontology chats are used")
+    args = ap.parse_args()
+    if (Path(args.data_root) / "medquad").is_dir():
+        os.environ.setdefault("ANGELMED_DATA_ROOT", args.data_root)
+        SOURCES.insert(0, {"spec": "medquad", "weight": 0.6})
+    setup(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from angelmed.checkpoint import load_model
+    from angelmed.draft import DraftModel
+    from angelmed.infer.speculative import Eagle3Drafter
+    from angelmed.train.draft import DraftRunConfig, heldout_prompts, load_target_tokenizer
+
+    work = Path(args.work)
+    target_dir = Path(args.target) if args.target else build_target(work, args.target_steps, args.threads)
+    draft_dir = Path(args.draft) if args.draft else build_draft(work, target_dir, args)
+    model = load_model(target_dir, dtype="float32").eval()
+    tok = load_target_tokenizer("auto", str(target_dir), model.config.vocab_size)
+    draft = DraftModel.load(draft_dir)
+    concs = [int(c) for c in args.concurrency.split(",")]
+    cfg = DraftRunConfig(target=str(target_dir))
+    cfg.data.sources = SOURCES
+    pool = heldout_prompts(cfg, tok, 2 * max(concs), 256)
+    out = {"target": str(target_dir), "target_source": "given" if args.target else
+           f"stand-in: small preset, SFT {args.target_steps} steps on {'+'.join(x['spec'] for x in SOURCES)} chats",
+           "draft": str(draft_dir), "k": args.k, "new_tokens": args.new_tokens, "threads": args.threads,
+           "device": "cpu", "results": {}}
+    print(f"target {target_dir} ({model.config.param_counts()['total']:,} params), draft {draft_dir}, k={args.k}, "
+          f"{args.threads} thread(s)")
+    with torch.no_grad():
+        measure(model, pool[:2], 8, tok.stop_ids, 2)  # warm-up
+        measure(model, pool[:2], 8, tok.stop_ids, 2, Eagle3Drafter(model, draft), args.k)
+        for c in concs:
+            prompts = (pool * 2)[:max(2 * c, 8)]
+            best_plain, best_spec, stats = 0.0, 0.0, None
+            for _ in range(args.repeats):  # alternate, keep the best of each (other processes share the CPU)
+                plain_tok, tps, _ = measure(model, prompts, args.new_tokens, tok.stop_ids, c)
+                spec_tok, sps, st = measure(model, prompts, args.new_tokens, tok.stop_ids, c,
+                                            Eagle3Drafter(model, draft), args.k)
+                assert spec_tok == plain_tok, f"concurrency {c}: greedy output with the draft differs"
+                best_plain = max(best_plain, tps)
+                if sps > best_spec:
+                    best_spec, stats = sps, st
+            gen = sum(len(t) for t in plain_tok) / len(plain_tok)
+            r = {"requests": len(prompts), "mean_reply_tokens": round(gen, 1), "plain_tok_s": round(best_plain, 1),
+                 "draft_tok_s": round(best_spec, 1), "speedup": round(best_spec / best_plain, 3),
+                 "mean_accept_length": round(stats["mean_accept_length"], 3),
+                 "acceptance_rate": round(stats["acceptance_rate"], 3), "accepted_hist": stats["accepted_hist"]}
+            out["results"][str(c)] = r
+            print(f"concurrency {c:>2}: plain {best_plain:7.1f} tok/s, with draft {best_spec:7.1f} tok/s "
+                  f"(x{r['speedup']:.2f}), mean acceptance length {r['mean_accept_length']:.2f} "
+                  f"(hist {r['accepted_hist']}), replies {gen:.0f} tokens", flush=True)
+    out["speedup_c32"] = out["results"].get("32", {}).get("speedup")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

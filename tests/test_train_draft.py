@@ -1,0 +1,64 @@
+"""`angelmed train draft`: end to end on a tiny target in seconds, config errors, vocabulary choice."""
+
+import json
+
+import pytest
+import torch
+
+from angelmed.checkpoint import save_model
+from angelmed.draft import DraftModel, is_draft_dir
+from angelmed.train.cli import main as train_main
+from angelmed.train.draft import choose_vocab
+from test_engine import tiny_model
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    m = tiny_model(0)
+    with torch.no_grad():  # a confident target, so agreement and acceptance can move within a few steps
+        m.lm_head.weight.mul_(20)
+    d = tmp_path_factory.mktemp("target") / "model"
+    save_model(m, d)
+    return d
+
+
+def test_train_draft_cli_end_to_end(target_dir, tmp_path, capsys):
+    out = tmp_path / "draft"
+    rc = train_main(["draft", "--target", str(target_dir), "--train.steps", "16", "--train.eval_every", "8",
+                     "--train.eval_prompts", "4", "--train.eval_max_tokens", "12", "--train.lr", "5e-3",
+                     "--train.warmup_steps", "2", "--train.log_every", "1", "--train.threads", "1",
+                     "--train.out_dir", str(out), "--data.seq_len", "192", "--data.micro_batch_size", "4",
+                     "--data.sources", "[{spec: icd10cm}]", "--draft.draft_vocab_size", "200",
+                     "--draft.vocab_sample_batches", "2", "--distill.regenerate", "8",
+                     "--distill.max_new_tokens", "24"])
+    assert rc == 0
+    assert "held-out acceptance length" in capsys.readouterr().out
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    evals = [r for r in recs if r.get("eval")]
+    assert len(losses) == 16 and sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert [e["step"] for e in evals] == [0, 8, 16]
+    assert all(e["mean_accept_length"] >= 1.0 for e in evals)
+    for name in ("best", "last"):
+        assert is_draft_dir(out / name)
+        d = DraftModel.load(out / name)
+        assert d.vocab_map.numel() == 200 and {510, 511} <= set(d.vocab_map.tolist())  # stop ids kept
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best"]["mean_accept_length"] == max(e["mean_accept_length"] for e in evals)
+
+
+def test_train_draft_config_errors(target_dir, tmp_path, capsys):
+    assert train_main(["draft", "--target", str(target_dir), "--train.stepz", "3"]) == 2
+    assert "train.stepz" in capsys.readouterr().err
+    assert train_main(["draft", "--target", str(tmp_path / "missing")]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    assert train_main(["draft", "--target", str(target_dir), "--train.ttt_steps", "0"]) == 2
+    assert "ttt_steps" in capsys.readouterr().err
+
+
+def test_choose_vocab_takes_the_most_frequent_predicted_tokens():
+    batches = iter([{"labels": torch.tensor([[5, 5, 5, 7, 7, -100, 9]])},
+                    {"labels": torch.tensor([[5, 7, 3, -100, -100, -100, -100]])}])
+    ids, coverage = choose_vocab(batches, 2, 3, 16, always=[15])
+    assert ids == [5, 7, 15]  # 5 (x4), 7 (x3), forced stop id 15; 3 and 9 (x1 each) left out
+    assert coverage == pytest.approx(7 / 9)
