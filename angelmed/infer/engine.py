@@ -593,9 +593,10 @@ class Engine:
         tmp = self.model.make_caches(m, T)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers: SpecState.capture() taps them here
         with self.spec.capture() if self.spec is not None else contextlib.nullcontext():
-            out = self.model(ids, pos_BT=pos, caches=tmp)
+            out = self.model(ids, pos_BT=pos, caches=tmp, compute_logits=False)
         last = torch.tensor([n - 1 for n in lens], device=dev)
-        logits = out.logits[torch.arange(m, device=dev), last]
+        # only each row's last position is sampled: skip the lm_head (and a [m,T,V] fp32 tensor) elsewhere
+        logits = last_logits = self.model.logits_from_hidden(out.hidden[torch.arange(m, device=dev), last])
         idx = self._set_slot_params(slots, reqs)
         self.kv.write_rows(idx, tmp)
         if any(r.repetition_penalty != 1 for r in reqs):
@@ -612,7 +613,7 @@ class Engine:
         self.counter_B[idx] += 1
         self.seen_BV[idx, tok] = True
         want_lp = any(r.logprobs for r in reqs)
-        host = self._to_host(tok, token_logprobs(out.logits[torch.arange(m, device=dev), last], tok) if want_lp else None)
+        host = self._to_host(tok, token_logprobs(last_logits, tok) if want_lp else None)
         for j, (slot, h) in enumerate(batch):
             r = h.request
             room = self.max_seq_len - lens[j]
