@@ -297,3 +297,17 @@ def test_compiled_decode_step_matches_eager(model):
     eng = Engine(model, max_batch=2, max_seq_len=64, compile=True)
     res = eng.generate([GenerationRequest(p, max_tokens=8, stop_ids=[]) for p in ps])
     assert [r.token_ids for r in res] == [greedy_ref(model, p, 8) for p in ps]
+
+
+def test_fp8_fixture_through_the_engine_with_resident_fp8_weights(fixtures_dir):
+    """The FP8 checkpoint served with its weights kept in FP8 (the mode for one 141 GB GPU) gives the fixture tokens."""
+    from angelmed.infer.quant import FP8Linear, load_fp8
+
+    d = fixtures_dir / "small_fp8"
+    m = load_fp8(d, mode="resident", dtype="float32")
+    assert isinstance(m.model.layers[0].attention.query_key_value, FP8Linear)
+    assert m.model.layers[0].attention.query_key_value.weight.dtype == torch.float8_e4m3fn
+    ids, want = np.load(d / "ids.npy"), np.load(d / "greedy_tokens.npy")
+    res = Engine(m, max_batch=2).generate([GenerationRequest([int(t) for t in row], max_tokens=want.shape[1],
+                                                             stop_ids=[]) for row in ids])
+    assert [r.token_ids for r in res] == want.tolist()

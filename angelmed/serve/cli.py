@@ -37,6 +37,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's torch_dtype)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--fp8", choices=["dequant", "resident"], default="dequant",
+                   help="block-FP8 checkpoints: dequantise at load, or keep the weights resident in FP8")
     p.add_argument("--no-safety", action="store_true", help="turn the medical safety layer off")
     p.add_argument("--log-text", action="store_true", help="log prompt and completion text (off by default)")
     p.add_argument("--log-level", default="info")
@@ -155,13 +157,16 @@ def make_drafter(model, draft: str | None, dtype: str | None = None, device: str
 
 def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = None, dtype: str | None = None,
                  device: str = "cpu", draft: str | None = None, spec_tokens: int = 3, max_queue: int = 256,
-                 compile: bool = False, tokenizer=None):
-    """Model + tokenizer + engine for a checkpoint directory (shared by serve and chat)."""
-    from angelmed.checkpoint import load_model
+                 compile: bool = False, tokenizer=None, fp8: str = "dequant"):
+    """Model + tokenizer + engine for a checkpoint directory (shared by serve and chat).
+
+    fp8: how a block-FP8 checkpoint runs: "dequant" (once, at load; fastest on CPUs) or "resident" (weights stay
+    FP8 and are dequantised per block inside each linear: half the weight memory)."""
     from angelmed.infer.backends import load_tokenizer
     from angelmed.infer.engine import Engine
+    from angelmed.infer.quant import load_fp8
 
-    model = load_model(model_dir, dtype=dtype, device=device)
+    model = load_fp8(model_dir, mode=fp8, dtype=dtype, device=device)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     drafter = make_drafter(model, draft, dtype, device)
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
@@ -198,7 +203,7 @@ def main(argv: list[str]) -> int:
     from angelmed.serve.app import ServerConfig, create_app
 
     engine, tokenizer = build_engine(args.model_dir, args.max_batch, args.max_seq_len, args.dtype, args.device,
-                                     args.draft, args.spec_tokens, args.max_queue, args.compile)
+                                     args.draft, args.spec_tokens, args.max_queue, args.compile, fp8=args.fp8)
     cfg = ServerConfig(served_model_name=name, api_key=args.api_key, log_text=args.log_text,
                        safety=not args.no_safety, sampling_defaults=_sampling_defaults(args.model_dir))
     app = create_app(engine, tokenizer, cfg)
