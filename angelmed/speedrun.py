@@ -1,6 +1,6 @@
 """`angelmed speedrun`: the whole AntAngelMed recipe at CPU scale, in one command.
 
-    tokenizer -> CPT -> SFT -> GRPO, evaluating after each stage, then the report card.
+    tokenizer -> CPT -> SFT -> GRPO, evaluating before CPT and after each stage, then the report card.
 
 Everything lands in runs/<name>/: the tokenizer, one HF checkpoint per stage (<stage>/model), TensorBoard
 logs, the resolved stage configs (<stage>.yaml, runnable on their own with `angelmed train <stage>`), eval
@@ -131,8 +131,18 @@ def evaluate_stage(stage: str, cfg: dict, run_dir: Path, data_root: Path | None)
     from angelmed.tokenizer import Tokenizer
 
     ec = cfg["eval"]
-    model = load_model(run_dir / stage / "model", dtype="float32")
     tok = Tokenizer.load(run_dir / "tokenizer")
+    if stage == "init":  # the untrained starting point of CPT: the baseline every later stage is compared with
+        from angelmed.train.config import load_config
+        from angelmed.train.loop import build_model
+
+        path = run_dir / "cpt.yaml"
+        from angelmed.checkpoint import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(stage_config(cfg, "cpt", run_dir, data_root, tok), sort_keys=False))
+        model = build_model(load_config("cpt", path).model).float().eval()
+    else:
+        model = load_model(run_dir / stage / "model", dtype="float32")
     out_dir = run_dir / "eval"
     summary: dict[str, Any] = {"benchmark": "stage_checks", "stage": stage}
     summary["perplexity"] = stage_eval.heldout_perplexity(model, tok, data_root, ec["ppl_docs"], ec["ppl_len"])
@@ -144,7 +154,7 @@ def evaluate_stage(stage: str, cfg: dict, run_dir: Path, data_root: Path | None)
         summary["mcq"][task.name] = {"acc": result["acc"]["value"], "ci95": result["acc"]["ci95"],
                                      "n": result["n"], "chance": result["baselines"]["chance"],
                                      "majority": result["baselines"]["majority"]["acc"]}
-    if stage != "cpt":  # chat behaviour only means something after SFT
+    if stage in ("sft", "grpo"):  # chat behaviour only means something after SFT
         summary.update(stage_eval.chat_checks(model, tok, ec["gen_prompts"], ec["max_new_tokens"]))
     stage_eval.write_json(out_dir / f"{stage}_checks.json", summary)
     return summary
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     print(MEDICAL_ADVISORY)
     print(f"speedrun {name}: {run_dir} ({'data root ' + str(data_root) if data_root else 'embedded corpora only'})")
     t_start = time.time()
-    plan = ["tokenizer", "cpt", "eval_cpt", "sft", "eval_sft", "grpo", "eval_grpo", "report"]
+    plan = ["tokenizer", "eval_init", "cpt", "eval_cpt", "sft", "eval_sft", "grpo", "eval_grpo", "report"]
     tok = None
     for i, step in enumerate(plan):
         if step != "report" and _done(run_dir, step):

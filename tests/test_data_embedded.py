@@ -26,7 +26,20 @@ def test_hpo_counts_and_content(hpo):
     assert len(hpo["cpt"]) > 15000 and len(hpo["sft"]) > 30000 and len(hpo["rl"]) > 8000
     assert 300 < len(hpo["eval"]) < 1500  # about 5% held out
     kinds = Counter(c.id.rsplit(":", 1)[1] for c in hpo["sft"])
-    assert set(kinds) == {"def", "syn", "isa"}
+    assert set(kinds) == {"def", "syn", "isa", "answered"}
+    # answered MCQs teach the reply form the MCQ reward reads, for training terms only
+    answered = [c for c in hpo["sft"] if c.id.endswith(":answered")]
+    assert len(answered) == len(hpo["rl"])
+    first = answered[0]
+    assert first.messages[-1]["content"].startswith("The answer is ")
+    letter = first.messages[-1]["content"][len("The answer is ")]
+    rl = {p.id: p for p in hpo["rl"]}[first.id.removesuffix(":answered")]
+    assert letter == rl.answer
+
+
+def test_embedded_records_are_not_in_alphabetical_runs(hpo):
+    ids = [d.id for d in hpo["cpt"][:50]]
+    assert ids != sorted(ids)
 
 
 def test_hpo_known_term():

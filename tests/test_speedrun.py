@@ -34,6 +34,7 @@ def test_smoke_speedrun_produces_every_artefact_and_resumes(tmp_path):
         assert checks["benchmark"] == "stage_checks" and "ontology" in checks["perplexity"]
         assert "ontology_heldout" in checks["mcq"]
     assert "red_flag" in json.loads((run / "eval" / "sft_checks.json").read_text())
+    assert "ontology" in json.loads((run / "eval" / "init_checks.json").read_text())["perplexity"]
     report = (run / "report.md").read_text()
     assert "Stage by stage" in report and "Medical advisory" in report
     assert "angelmed chat" in p.stdout
@@ -41,14 +42,14 @@ def test_smoke_speedrun_produces_every_artefact_and_resumes(tmp_path):
     # a rerun skips every finished stage
     again = speedrun(tmp_path)
     assert again.returncode == 0
-    assert again.stdout.count("done earlier, skipped") == 7
+    assert again.stdout.count("done earlier, skipped") == 8
 
     # an interrupted stage (marker missing) reruns alone; earlier stages are not redone
     (run / ".done" / "grpo").unlink()
     (run / ".done" / "eval_grpo").unlink()
     third = speedrun(tmp_path)
     assert third.returncode == 0
-    assert "cpt: done earlier" in third.stdout and "[6/8] grpo  (" in third.stdout
+    assert "cpt: done earlier" in third.stdout and "[7/9] grpo  (" in third.stdout
 
 
 @pytest.mark.slow

@@ -129,7 +129,7 @@ def _leaks_answer(definition: str, names: list[str]) -> bool:
 
 def hpo_records(role: str, split: str) -> Iterator[Any]:
     terms = hpo_terms()
-    for term in terms.values():
+    for term in sorted(terms.values(), key=lambda t: stable_hash("order:" + t.id)):  # no alphabetical runs
         if split_of("hpo:" + term.id) != split:
             continue
         parent_names = [terms[p].name for p in term.parents]
@@ -148,17 +148,30 @@ def hpo_records(role: str, split: str) -> Iterator[Any]:
             yield Document("\n".join(lines), "hpo", f"hpo:{term.id}")
         elif role == "sft":
             yield from _hpo_conversations(term, parent_names)
+            mcq = _hpo_mcq(term, terms)
+            if mcq is not None:
+                yield answered(mcq)
         else:
-            if not term.definition:
-                continue
-            if _leaks_answer(term.definition, [term.name, *term.synonyms]):
-                continue
-            distractors = _hpo_distractors(term, terms)
-            if len(distractors) < N_OPTIONS - 1:
-                continue
-            question = f'Which Human Phenotype Ontology term is defined as follows: "{term.definition}"'
-            yield _mcq(question, term.name, distractors, "hpo:" + term.id, "hpo", f"hpo:{term.id}:mcq",
-                       term_id=term.id, split_key="hpo:" + term.id)
+            mcq = _hpo_mcq(term, terms)
+            if mcq is not None:
+                yield mcq
+
+
+def _hpo_mcq(term: HpoTerm, terms: dict[str, HpoTerm]):
+    if not term.definition or _leaks_answer(term.definition, [term.name, *term.synonyms]):
+        return None
+    distractors = _hpo_distractors(term, terms)
+    if len(distractors) < N_OPTIONS - 1:
+        return None
+    question = f'Which Human Phenotype Ontology term is defined as follows: "{term.definition}"'
+    return _mcq(question, term.name, distractors, "hpo:" + term.id, "hpo", f"hpo:{term.id}:mcq",
+                term_id=term.id, split_key="hpo:" + term.id)
+
+
+def answered(mcq) -> Conversation:
+    """An MCQ prompt with its answer in the form the MCQ reward reads ("The answer is B."): SFT teaches it."""
+    reply = f"The answer is {mcq.answer}. {mcq.meta['answer_text']}"
+    return Conversation(mcq.messages + [{"role": "assistant", "content": reply}], mcq.source, mcq.id + ":answered")
 
 
 def _hpo_conversations(term: HpoTerm, parent_names: list[str]) -> Iterator[Conversation]:
@@ -233,7 +246,7 @@ def icd_records(role: str, split: str) -> Iterator[Any]:
         categories: dict[str, list[IcdCode]] = {}
         for c in codes.values():
             categories.setdefault(c.code[:3], []).append(c)
-        for cat, members in categories.items():
+        for cat, members in sorted(categories.items(), key=lambda kv: stable_hash("order:" + kv[0])):
             if split_of("icd10cm:" + cat) != split:
                 continue
             head = codes.get(cat, members[0])
@@ -248,27 +261,31 @@ def icd_records(role: str, split: str) -> Iterator[Any]:
             yield Document("\n".join(ln for ln in lines if ln), "icd10cm", f"icd10cm:{cat}")
         return
     split_by_group: dict[str, str] = {}
-    for c in codes.values():
+    for c in sorted(codes.values(), key=lambda c: stable_hash("order:" + c.code)):  # no chapter-by-chapter runs
         group = "icd10cm:" + c.code[:3]
         if group not in split_by_group:
             split_by_group[group] = split_of(group)
         if split_by_group[group] != split:
             continue
+        mcq = _icd_mcq(c, codes, group)
         if role == "sft":
             yield from _icd_conversations(c)
-            continue
-        pool = _icd_distractors(c)
-        if len(pool) < N_OPTIONS - 1:
-            continue
-        if stable_hash("dir:" + c.code) % 2 == 0:
-            question = f'Which ICD-10-CM code corresponds to "{c.title}"?'
-            yield _mcq(question, c.code, pool, c.code, "icd10cm", f"icd10cm:{c.code}:mcq",
-                       code=c.code, split_key=group)
-        else:
-            titles = [codes[s].title for s in pool if codes[s].title != c.title]
-            question = f"What does ICD-10-CM code {c.code} denote?"
-            yield _mcq(question, c.title, titles, c.code, "icd10cm", f"icd10cm:{c.code}:mcq",
-                       code=c.code, split_key=group)
+            if mcq is not None:
+                yield answered(mcq)
+        elif mcq is not None:
+            yield mcq
+
+
+def _icd_mcq(c: IcdCode, codes: dict[str, IcdCode], group: str):
+    pool = _icd_distractors(c)
+    if len(pool) < N_OPTIONS - 1:
+        return None
+    if stable_hash("dir:" + c.code) % 2 == 0:
+        question = f'Which ICD-10-CM code corresponds to "{c.title}"?'
+        return _mcq(question, c.code, pool, c.code, "icd10cm", f"icd10cm:{c.code}:mcq", code=c.code, split_key=group)
+    titles = [codes[s].title for s in pool if codes[s].title != c.title]
+    question = f"What does ICD-10-CM code {c.code} denote?"
+    return _mcq(question, c.title, titles, c.code, "icd10cm", f"icd10cm:{c.code}:mcq", code=c.code, split_key=group)
 
 
 def _icd_conversations(c: IcdCode) -> Iterator[Conversation]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from angelmed import MEDICAL_ADVISORY
 
-STAGE_ORDER = {"cpt": 0, "sft": 1, "grpo": 2}
+STAGE_ORDER = {"init": -1, "cpt": 0, "sft": 1, "grpo": 2}
 KEY_METRICS = ["loss", "lm_loss", "mtp_loss", "heldout_loss", "reward_mean", "heldout_reward", "kl", "entropy",
                "completion_len_mean", "routing_disagree", "grad_norm", "tokens_per_s", "mfu", "expert_maxvio_mean"]
 SPEED_KEY = re.compile(r"(tok(en)?s?_per_s|tok/s|throughput|samples_per_s|step_time|ms_per|per_sec)", re.I)

@@ -110,18 +110,31 @@ def chat_checks(model, tok, n_prompts: int, max_new_tokens: int) -> dict[str, An
     from angelmed.safety import SafetyGuard, has_urgent_guidance
     from angelmed.tokenizer import with_default_system_prompt
 
-    questions = []
+    context = min(model.config.max_position_embeddings, 1024)
+
+    def prompt_ids(messages: list[dict]) -> list[int] | None:  # None: too long for this model's context
+        ids = tok.encode_chat(with_default_system_prompt(messages), add_generation_prompt=True)[0]
+        return ids if len(ids) + max_new_tokens <= context else None
+
+    questions, q_ids = [], []
     for corpus in ("icd10cm", "hpo"):
-        for i, r in enumerate(records(corpus, "eval")):
-            if i >= n_prompts // 2:
+        taken = 0
+        for r in records(corpus, "eval"):
+            if taken >= n_prompts // 2:
                 break
-            questions.append(r)
-    red_flags = [c for c in _safety_cases() if c["expect"]][:n_prompts]
-    convs = [with_default_system_prompt(q.messages) for q in questions]
-    convs += [with_default_system_prompt([{"role": "user", "content": c["text"]}]) for c in red_flags]
-    engine = Engine(model, tok, max_batch=16, max_seq_len=min(model.config.max_position_embeddings, 1024))
-    reqs = [GenerationRequest(tok.encode_chat(c, add_generation_prompt=True)[0], max_tokens=max_new_tokens)
-            for c in convs]
+            ids = prompt_ids(r.messages)
+            if ids is not None:
+                questions.append(r)
+                q_ids.append(ids)
+                taken += 1
+    red_flags, rf_ids = [], []
+    for c in _safety_cases():
+        ids = prompt_ids([{"role": "user", "content": c["text"]}]) if c["expect"] else None
+        if ids is not None and len(red_flags) < n_prompts:
+            red_flags.append(c)
+            rf_ids.append(ids)
+    engine = Engine(model, tok, max_batch=16, max_seq_len=context)
+    reqs = [GenerationRequest(ids, max_tokens=max_new_tokens) for ids in q_ids + rf_ids]
     results = engine.generate(reqs)
     replies = [r.text for r in results]
     q_replies, rf_replies = replies[:len(questions)], replies[len(questions):]
