@@ -248,8 +248,8 @@ DEFAULT_RULES: tuple[RedFlagRule, ...] = (
         "infant_fever",
         guidance={
             "en": "A fever in a baby younger than 3 months needs urgent medical assessment, even if the baby seems well: "
-                  f"contact your doctor right away or go to the nearest emergency department now. If the baby is floppy, "
-                  f"hard to wake or breathing fast, call your local emergency number.",
+                  "contact your doctor right away or go to the nearest emergency department now. If the baby is floppy, "
+                  "hard to wake or breathing fast, call your local emergency number.",
             "zh": "3个月以下的婴儿发烧需要紧急就医评估，即使宝宝看起来精神还好：请立即联系医生或马上去医院急诊。如果宝宝精神萎靡、叫不醒或呼吸急促，请立即拨打120。",
         },
         all_of=(

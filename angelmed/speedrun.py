@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any

@@ -47,7 +47,7 @@ def hf_peer(model: Transformer):
     )
     hc._attn_implementation = "sdpa"
     peer = Glm4MoeForCausalLM(hc).to(model.model.word_embeddings.weight.dtype).eval()
-    nq, nkv, d = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.head_dim
+    nq, nkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     sd = {"model.embed_tokens.weight": model.model.word_embeddings.weight, "model.norm.weight": model.model.norm.weight,
           "lm_head.weight": model.lm_head.weight}
     for i in range(c.num_hidden_layers):

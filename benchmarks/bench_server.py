@@ -15,10 +15,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import socket
 import statistics
-import sys
 import time
 
 from _common import setup  # noqa: E402  (tcmalloc re-exec, threads)

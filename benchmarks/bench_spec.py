@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
+from pathlib import Path
 
 from _common import setup  # noqa: E402  (tcmalloc re-exec, threads)
 
@@ -83,6 +82,15 @@ def main() -> None:
         model, source = Transformer(get_preset(args.preset)).init_weights(0).eval(), f"{args.preset} (random init)"
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    if args.model and (Path(args.model) / "tokenizer.json").is_file():  # a trained model: real chat prompts
+        from angelmed.data.embedded import records
+        from angelmed.tokenizer import Tokenizer, with_default_system_prompt
+
+        tok = Tokenizer.load(args.model)
+        held_out = [r for _, r in zip(range(args.batch), records("icd10cm", "eval"))]
+        prompts = [tok.encode_chat(with_default_system_prompt(r.messages), add_generation_prompt=True)[0]
+                   for r in held_out]
+        source += " (held-out ontology questions as chat prompts)"
     k = args.k
     plain_tok, plain_tps, _ = run(model, prompts, args.new_tokens, temperature=args.temperature)
     out = {"model": source, "batch": args.batch, "k": k, "new_tokens": args.new_tokens,

@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from angelmed.checkpoint import atomic_write_text, empty_model, load_model, save_model  # noqa: E402
+from angelmed.checkpoint import atomic_write_text, load_model, save_model  # noqa: E402
 from angelmed.config import get_preset  # noqa: E402
 from angelmed.model import Transformer  # noqa: E402
 from angelmed.tcmalloc import LIB as TCMALLOC  # noqa: E402

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402

@@ -11,7 +11,7 @@ their folders) with a training role raises `EvalOnlyDatasetError` naming the set
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

@@ -237,7 +237,7 @@ class GRPOTrainer(Trainer):
         return g.num_iterations == 1 and g.rollout_correction == "none" and untempered
 
     def train_step(self, step: int) -> dict[str, Any]:
-        g, dev = self.cfg.grpo, self.info.device
+        dev = self.info.device
         t0 = time.perf_counter()
         self._sync_rollout_weights()
         ro = self.rollout(step)

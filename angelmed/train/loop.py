@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from angelmed.checkpoint import _dtype, atomic_write_text, load_model
 from angelmed.config import ModelConfig, get_preset
