@@ -242,8 +242,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    cfg = default_config(stage)
+def resolve_config(cls: type, base: Any, stage: str, path: str | Path | None, overrides: list[str] | None) -> Any:
+    """base <- YAML file <- command-line overrides, type-checked against `cls` (any stage's run config)."""
+    cfg = base
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -256,9 +257,14 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
             raise RunConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         if data.get("stage", stage) != stage:
             raise RunConfigError(f"{path}: stage {data['stage']!r} does not match the command ({stage!r})")
-        cfg = build_dataclass(RunConfig, data, str(path), base=cfg)
+        cfg = build_dataclass(cls, data, str(path), base=cfg)
     if overrides:
-        cfg = build_dataclass(RunConfig, parse_overrides(overrides), "command line", base=cfg)
+        cfg = build_dataclass(cls, parse_overrides(overrides), "command line", base=cfg)
+    return cfg
+
+
+def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    cfg = resolve_config(RunConfig, default_config(stage), stage, path, overrides)
     validate(cfg)
     return cfg
 

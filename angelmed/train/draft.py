@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from angelmed.train.config import DataSection, RunConfigError, build_dataclass, parse_overrides
+from angelmed.train.config import DataSection, RunConfigError, resolve_config
 
 log = logging.getLogger("angelmed.train.draft")
 
@@ -92,22 +92,7 @@ class DraftRunConfig:
 
 def load_draft_config(path: str | Path | None = None, overrides: list[str] | None = None,
                       target: str | None = None) -> DraftRunConfig:
-    cfg = DraftRunConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RunConfigError(f"config file {str(path)!r} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise RunConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        if data.get("stage", "draft") != "draft":
-            raise RunConfigError(f"{path}: stage {data['stage']!r} does not match the command ('draft')")
-        cfg = build_dataclass(DraftRunConfig, data, str(path), base=cfg)
-    if overrides:
-        cfg = build_dataclass(DraftRunConfig, parse_overrides(overrides), "command line", base=cfg)
+    cfg = resolve_config(DraftRunConfig, DraftRunConfig(), "draft", path, overrides)
     if target:
         cfg.target = target
     validate(cfg)

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from angelmed.train.config import (RunConfig, RunConfigError, build_dataclass, default_config, parse_overrides,
-                                   validate)
+from angelmed.train.config import RunConfig, RunConfigError, default_config, resolve_config, validate
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -80,22 +78,7 @@ def grpo_default_config() -> GRPORunConfig:
 
 
 def load_grpo_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GRPORunConfig:
-    cfg = grpo_default_config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RunConfigError(f"config file {str(path)!r} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise RunConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        if data.get("stage", "grpo") != "grpo":
-            raise RunConfigError(f"{path}: stage {data['stage']!r} does not match the command ('grpo')")
-        cfg = build_dataclass(GRPORunConfig, data, str(path), base=cfg)
-    if overrides:
-        cfg = build_dataclass(GRPORunConfig, parse_overrides(overrides), "command line", base=cfg)
+    cfg = resolve_config(GRPORunConfig, grpo_default_config(), "grpo", path, overrides)
     validate(cfg)
     validate_grpo(cfg)
     return cfg
