@@ -24,10 +24,6 @@ import yaml
 from angelmed import MEDICAL_ADVISORY
 from angelmed.paths import DATA_ROOT_ENV
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "speedrun.yaml"
-STAGES = ("tokenizer", "cpt", "sft", "grpo")
-
-
 # ---- configuration ---------------------------------------------------------------------------------
 def load_speedrun_config(path: str | Path | None, smoke: bool) -> dict[str, Any]:
     from angelmed.assets import read_asset_text
@@ -105,11 +101,10 @@ def run_tokenizer(cfg: dict, run_dir: Path, data_root: Path | None) -> None:
 
 
 def run_train_stage(stage: str, cfg: dict, run_dir: Path, data_root: Path | None, tok) -> None:
+    from angelmed.checkpoint import atomic_write_text
     from angelmed.train.config import load_config
 
     path = run_dir / f"{stage}.yaml"
-    from angelmed.checkpoint import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(stage_config(cfg, stage, run_dir, data_root, tok), sort_keys=False))
     if stage == "grpo":
         from angelmed.train import grpo
@@ -131,12 +126,11 @@ def evaluate_stage(stage: str, cfg: dict, run_dir: Path, data_root: Path | None)
     ec = cfg["eval"]
     tok = Tokenizer.load(run_dir / "tokenizer")
     if stage == "init":  # the untrained starting point of CPT: the baseline every later stage is compared with
+        from angelmed.checkpoint import atomic_write_text
         from angelmed.train.config import load_config
         from angelmed.train.loop import build_model
 
         path = run_dir / "cpt.yaml"
-        from angelmed.checkpoint import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(stage_config(cfg, "cpt", run_dir, data_root, tok), sort_keys=False))
         model = build_model(load_config("cpt", path).model).float().eval()
     else:
