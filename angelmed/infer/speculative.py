@@ -123,6 +123,25 @@ def _seen_after_drafts(seen_BV: Tensor, drafts_Bk: Tensor) -> Tensor:
 
 
 # ---- drafters ------------------------------------------------------------------------------------------------
+def chain_drafts(st: "ContextState", k: int, rows: Tensor, next_logits) -> tuple[Tensor, Tensor]:
+    """Draft k tokens one after another. next_logits(j, prev_BD) gives draft j's logits [n, V] (prev is None at
+    j = 0); sampling settings, repetition penalty and seeded draws follow the target's, so verification is exact."""
+    seen = st.seen_BV
+    drafts, qs = [], []
+    for j in range(k):
+        logits = next_logits(j, drafts[-1] if drafts else None)
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, st.pen_B)
+        q = probs_from_logits(logits, st.temp_B, st.topk_B, st.topp_B, st.filt, st.sample)
+        d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else logits.argmax(-1)
+        drafts.append(d)
+        qs.append(q)
+        if seen is not None:
+            seen = seen.clone()
+            seen[rows, d] = True
+    return torch.stack(drafts, 1), torch.stack(qs, 1)
+
+
 class MTPDrafter:
     """Drafts with MTP layer `depth` of `model` (the target itself, or a separately trained draft checkpoint of
     the same shape whose MTP layer was trained on the target's hidden states). Keeps its own KV cache."""
@@ -170,23 +189,15 @@ class MTPDrafter:
         h = self._run(st.ids_BL, st.hidden_BLD.to(self._dtype), st.pos_BL, caches)
         last = st.len_B - 1
         g_BD, pos_B = h[rows, last], st.pos_BL[rows, last]
-        seen = st.seen_BV
-        drafts, qs = [], []
-        for j in range(k):
-            if j > 0:  # chain: the MTP layer's own output stands in for the target hidden
+
+        def next_logits(j: int, prev: Tensor | None) -> Tensor:
+            nonlocal g_BD, pos_B
+            if prev is not None:  # chain: the MTP layer's own output stands in for the target hidden
                 pos_B = pos_B + 1
-                g_BD = self._run(drafts[-1][:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
-            logits = m.logits_from_hidden(g_BD)
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, st.pen_B)
-            q = probs_from_logits(logits, st.temp_B, st.topk_B, st.topp_B, st.filt, st.sample)
-            d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else logits.argmax(-1)
-            drafts.append(d)
-            qs.append(q)
-            if seen is not None:
-                seen = seen.clone()
-                seen[rows, d] = True
-        return torch.stack(drafts, 1), torch.stack(qs, 1)
+                g_BD = self._run(prev[:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
+            return m.logits_from_hidden(g_BD)
+
+        return chain_drafts(st, k, rows, next_logits)
 
 
 class LMDrafter:
@@ -210,23 +221,16 @@ class LMDrafter:
         rows = torch.arange(st.n, device=st.ids_BL.device)
         out = self.model(st.ids_BL, pos_BT=st.pos_BL + 1, caches=caches)  # token t+1 lives at position t+1
         last = st.len_B - 1
-        logits, pos_B = out.logits[rows, last], st.pos_BL[rows, last] + 1
-        seen = st.seen_BV
-        drafts, qs = [], []
-        for j in range(k):
-            if j > 0:
-                pos_B = pos_B + 1
-                logits = self.model(drafts[-1][:, None], pos_BT=pos_B[:, None], caches=caches).logits[:, 0]
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, st.pen_B)
-            q = probs_from_logits(logits, st.temp_B, st.topk_B, st.topp_B, st.filt, st.sample)
-            d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else logits.argmax(-1)
-            drafts.append(d)
-            qs.append(q)
-            if seen is not None:
-                seen = seen.clone()
-                seen[rows, d] = True
-        return torch.stack(drafts, 1), torch.stack(qs, 1)
+        first, pos_B = out.logits[rows, last], st.pos_BL[rows, last] + 1
+
+        def next_logits(j: int, prev: Tensor | None) -> Tensor:
+            nonlocal pos_B
+            if prev is None:
+                return first
+            pos_B = pos_B + 1
+            return self.model(prev[:, None], pos_BT=pos_B[:, None], caches=caches).logits[:, 0]
+
+        return chain_drafts(st, k, rows, next_logits)
 
 
 class FeatureTap:
@@ -318,28 +322,27 @@ class Eagle3Drafter:
         h = self._run(st.ids_BL, st.hidden_BLD.to(self.head_W.dtype), st.pos_BL, caches)
         last = st.len_B - 1
         g_BD, pos_B = h[rows, last], st.pos_BL[rows, last]
-        seen = st.seen_BV
-        fast = not st.sample and seen is None  # greedy, no penalty: argmax over the draft vocabulary only
-        drafts, qs = [], []
-        for j in range(k):
-            if j > 0:  # chain: the draft's own output stands in for the target features
-                pos_B = pos_B + 1
-                g_BD = self._run(drafts[-1][:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
-            if fast:
+
+        def advance(prev: Tensor) -> None:  # chain: the draft's own output stands in for the target features
+            nonlocal g_BD, pos_B
+            pos_B = pos_B + 1
+            g_BD = self._run(prev[:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
+
+        if not st.sample and st.seen_BV is None:  # greedy, no penalty: argmax over the draft vocabulary only
+            drafts = []
+            for _ in range(k):
+                if drafts:
+                    advance(drafts[-1])
                 d = F.linear(g_BD, self.head_W).argmax(-1)
                 drafts.append(d if self.vocab_map is None else self.vocab_map[d])
-                continue
-            logits = self._full_logits(g_BD)
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, st.pen_B)
-            q = probs_from_logits(logits, st.temp_B, st.topk_B, st.topp_B, st.filt, st.sample)
-            d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else logits.argmax(-1)
-            drafts.append(d)
-            qs.append(q)
-            if seen is not None:
-                seen = seen.clone()
-                seen[rows, d] = True
-        return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs else None)
+            return torch.stack(drafts, 1), None
+
+        def next_logits(j: int, prev: Tensor | None) -> Tensor:
+            if prev is not None:
+                advance(prev)
+            return self._full_logits(g_BD)
+
+        return chain_drafts(st, k, rows, next_logits)
 
 
 # ---- engine integration ------------------------------------------------------------------------------------
