@@ -218,26 +218,8 @@ class Judge:
 
     async def aask_json(self, prompts: list[str], validate: Callable[[str], T | None]) -> list[T | None]:
         """Ask each prompt until `validate(reply)` returns non-None (or the retry cap). Order is preserved."""
-        from openai import AsyncOpenAI
-
-        semaphore = asyncio.Semaphore(self.concurrency)
-        bar = _progress_bar(len(prompts), "judge", self.progress)
-        # One client per call: httpx async clients are bound to the event loop that first uses them.
-        async with AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
-                               timeout=self.timeout_s) as client:
-
-            async def one(prompt: str) -> T | None:
-                async with semaphore:
-                    result = await self._ask_one(client, prompt, validate)
-                if bar is not None:
-                    bar.update(1)
-                return result
-
-            try:
-                return list(await asyncio.gather(*(one(p) for p in prompts)))
-            finally:
-                if bar is not None:
-                    bar.close()
+        return await map_with_client(self.base_url, self.api_key, self.timeout_s, self.concurrency, prompts,
+                                     lambda client, p: self._ask_one(client, p, validate), "judge", self.progress)
 
     def ask_json(self, prompts: list[str], validate: Callable[[str], T | None]) -> list[T | None]:
         return asyncio.run(self.aask_json(prompts, validate))
@@ -261,7 +243,7 @@ class Judge:
                 if api_errors > self.max_retries:
                     self.stats.failed += 1
                     return None
-                await asyncio.sleep(min(self.backoff_s * 2 ** (api_errors - 1), 60.0))
+                await asyncio.sleep(backoff_delay(self.backoff_s, api_errors))
                 continue
             parsed = validate(reply)
             if parsed is not None:
@@ -303,9 +285,35 @@ class _RetryableAPIError(Exception):
     pass
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled or total == 0:
-        return None
-    from tqdm.auto import tqdm
+def backoff_delay(base_s: float, attempt: int) -> float:
+    """Exponential backoff before retry `attempt` (1-based): base * 2**(attempt-1), at most a minute."""
+    return min(base_s * 2 ** (attempt - 1), 60.0)
 
-    return tqdm(total=total, desc=desc, unit="req", leave=False)
+
+async def map_with_client(base_url: str, api_key: str, timeout_s: float, concurrency: int, items: list,
+                          call: Callable, desc: str, progress: bool) -> list:
+    """`await call(client, item)` for every item over one OpenAI-compatible client, at most `concurrency` at a
+    time, in order, with an optional progress bar (shared by the judge and the candidate chat backend)."""
+    from openai import AsyncOpenAI
+
+    semaphore = asyncio.Semaphore(concurrency)
+    bar = None
+    if progress and items:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=desc, unit="req", leave=False)
+    # One client per call: httpx async clients are bound to the event loop that first uses them.
+    async with AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s) as client:
+
+        async def one(item):
+            async with semaphore:
+                result = await call(client, item)
+            if bar is not None:
+                bar.update(1)
+            return result
+
+        try:
+            return list(await asyncio.gather(*(one(item) for item in items)))
+        finally:
+            if bar is not None:
+                bar.close()

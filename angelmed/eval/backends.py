@@ -55,44 +55,29 @@ class OpenAIChatBackend:
         return asyncio.run(self.agenerate(conversations, max_tokens, temperature))
 
     async def agenerate(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
-        import openai
-        from openai import AsyncOpenAI
+        from angelmed.judge import map_with_client
 
-        semaphore = asyncio.Semaphore(self.concurrency)
-        bar = None
-        if self.progress and conversations:
-            from tqdm.auto import tqdm
+        async def one(client, messages: list[dict]) -> str:
+            import openai
 
-            bar = tqdm(total=len(conversations), desc=f"generate ({self.model})", unit="req", leave=False)
+            from angelmed.judge import backoff_delay
 
-        async with AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
-                               timeout=self.timeout_s) as client:
+            attempt = 0
+            while True:
+                try:
+                    response = await client.chat.completions.create(
+                        model=self.model, messages=messages, max_tokens=max_tokens,
+                        temperature=temperature, extra_body=self.extra_body,
+                    )
+                    return (response.choices[0].message.content or "") if response.choices else ""
+                except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
+                    attempt += 1
+                    if attempt > self.max_retries:
+                        raise RuntimeError(f"candidate endpoint {self.base_url} failed {attempt} times: {e}") from e
+                    await asyncio.sleep(backoff_delay(self.backoff_s, attempt))
 
-            async def one(messages: list[dict]) -> str:
-                attempt = 0
-                async with semaphore:
-                    while True:
-                        try:
-                            response = await client.chat.completions.create(
-                                model=self.model, messages=messages, max_tokens=max_tokens,
-                                temperature=temperature, extra_body=self.extra_body,
-                            )
-                            break
-                        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
-                            attempt += 1
-                            if attempt > self.max_retries:
-                                raise RuntimeError(
-                                    f"candidate endpoint {self.base_url} failed {attempt} times: {e}") from e
-                            await asyncio.sleep(min(self.backoff_s * 2 ** (attempt - 1), 60.0))
-                if bar is not None:
-                    bar.update(1)
-                return (response.choices[0].message.content or "") if response.choices else ""
-
-            try:
-                return list(await asyncio.gather(*(one(c) for c in conversations)))
-            finally:
-                if bar is not None:
-                    bar.close()
+        return await map_with_client(self.base_url, self.api_key, self.timeout_s, self.concurrency, conversations,
+                                     one, f"generate ({self.model})", self.progress)
 
 
 class TorchLoglik:
