@@ -11,13 +11,6 @@ from angelmed.infer.speculative import Eagle3Drafter, MTPDrafter
 from test_engine import greedy_ref, prompts, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def target():

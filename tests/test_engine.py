@@ -13,14 +13,6 @@ from angelmed.infer.generate import generate
 from angelmed.model import Transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny models: one intra-op thread is fastest, and immune to other processes competing for the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class ByteTokenizer:
     """Minimal test tokenizer: ids 0..255 are bytes, then the Ling special tokens; other ids decode to ''."""

@@ -24,14 +24,6 @@ from test_engine import ByteTokenizer, tiny_model
 MODEL = "tiny-med"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny models: one intra-op thread is fastest, and immune to other processes competing for the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -10,14 +10,6 @@ from angelmed.infer.speculative import LMDrafter, MTPDrafter, accept_drafts
 from test_engine import greedy_ref, prompts, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny models: one intra-op thread is fastest, and immune to other processes competing for the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model():

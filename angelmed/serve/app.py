@@ -254,7 +254,15 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             return APIError(503, f"engine unavailable: {e}", "server_error")
         return APIError(400, str(e))
 
-    async def run_collect(request: Request, req: GenerationRequest) -> tuple[list[Delta], str]:
+    async def start_stream(req: GenerationRequest):
+        """Submit now and wait for the first delta, so queue/closed/validation errors become HTTP errors."""
+        try:
+            gen = engine.stream(req)
+            return gen, await gen.__anext__()
+        except (EngineError, ValueError) as e:
+            raise submit_error(e) from None
+
+    async def collect(request: Request, req: GenerationRequest) -> tuple[list[Delta], str]:
         """Collect a whole generation; cancel it if the client goes away meanwhile."""
         deltas: list[Delta] = []
         stream = engine.stream(req)
@@ -271,7 +279,10 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                 await stream.aclose()
                 engine.cancel(req.request_id)
                 raise APIError(499, "client disconnected")
-        task.result()
+        try:
+            task.result()
+        except (EngineError, ValueError) as e:  # queue full, engine closed, bad request: an HTTP error
+            raise submit_error(e) from None
         if deltas and deltas[-1].finish_reason == "error":
             raise APIError(500, f"generation failed: {deltas[-1].error}", "server_error")
         return deltas, "".join(d.text for d in deltas)
@@ -334,14 +345,10 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
         max_tokens = body.max_completion_tokens or body.max_tokens
         req = build_request(body, prompt_ids, max_tokens, None, body.logprobs)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        try:
-            if body.stream:
-                first = engine.stream(req)
-                head = await first.__anext__()  # submit now, so queue/closed errors become HTTP errors
-            else:
-                deltas, text = await run_collect(request, req)
-        except (EngineError, ValueError) as e:
-            raise submit_error(e) from None
+        if body.stream:
+            first, head = await start_stream(req)
+        else:
+            deltas, text = await collect(request, req)
 
         if not body.stream:
             n_out = sum(len(d.token_ids) for d in deltas)
@@ -418,14 +425,10 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                 lp = {"tokens": [tokenizer.decode([t]) for t in token_ids], "token_logprobs": lps}
             return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
 
-        try:
-            if body.stream:
-                gen = engine.stream(req)
-                head = await gen.__anext__()
-            else:
-                deltas, text = await run_collect(request, req)
-        except (EngineError, ValueError) as e:
-            raise submit_error(e) from None
+        if body.stream:
+            gen, head = await start_stream(req)
+        else:
+            deltas, text = await collect(request, req)
         if not body.stream:
             n_out = sum(len(d.token_ids) for d in deltas)
             finish = deltas[-1].finish_reason if deltas else "stop"
