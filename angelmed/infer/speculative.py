@@ -142,7 +142,27 @@ def chain_drafts(st: "ContextState", k: int, rows: Tensor, next_logits) -> tuple
     return torch.stack(drafts, 1), torch.stack(qs, 1)
 
 
-class MTPDrafter:
+class HiddenStateDrafter:
+    """Drafters fed the target's hidden states (MTP layer, EAGLE-3 draft): one own KV cache layer; position t
+    sees (token t+1, target features at t). Subclasses give `_cache`, `_run` and `_dtype`."""
+
+    kv: SlotCaches | None = None
+
+    def allocate(self, max_batch: int, max_len: int) -> None:
+        self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
+
+    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
+        # the newest token (t = len-1) is handled by the first propose: the prompt contributes 0..len-2
+        m, T = prompt_BT.shape
+        if T < 2:
+            return
+        pos = torch.arange(T - 1, device=prompt_BT.device).expand(m, T - 1)
+        tmp = [self._cache(m, T - 1)]
+        self._run(prompt_BT[:, 1:], hidden_BTD[:, :-1].to(self._dtype), pos, tmp)
+        self.kv.write_rows(slots, tmp)
+
+
+class MTPDrafter(HiddenStateDrafter):
     """Drafts with MTP layer `depth` of `model` (the target itself, or a separately trained draft checkpoint of
     the same shape whose MTP layer was trained on the target's hidden states). Keeps its own KV cache."""
 
@@ -151,10 +171,6 @@ class MTPDrafter:
             raise ValueError(f"draft model has {model.config.num_nextn_predict_layers} MTP layer(s); "
                              f"depth {depth} needs at least {depth + 1}")
         self.model, self.depth = model, depth
-        self.kv: SlotCaches | None = None
-
-    def allocate(self, max_batch: int, max_len: int) -> None:
-        self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
         cfg, w = self.model.config, self.model.model.word_embeddings.weight
@@ -166,17 +182,6 @@ class MTPDrafter:
         mask = m.causal_mask(pos_BT, None, caches[0].k.shape[2])
         h, _ = m.mtp_step(self.depth, ids_BT, h_BTD, rope, mask, pos_BT, caches[0])
         return h
-
-    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
-        # MTP position t sees (token t+1, target hidden at t); the newest token (t = len-1) is handled by
-        # the first propose, so the prompt contributes positions 0..len-2.
-        m, T = prompt_BT.shape
-        if T < 2:
-            return
-        pos = torch.arange(T - 1, device=prompt_BT.device).expand(m, T - 1)
-        tmp = [self._cache(m, T - 1)]
-        self._run(prompt_BT[:, 1:], hidden_BTD[:, :-1].to(self._dtype), pos, tmp)
-        self.kv.write_rows(slots, tmp)
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -264,7 +269,7 @@ class FeatureTap:
         return out
 
 
-class Eagle3Drafter:
+class Eagle3Drafter(HiddenStateDrafter):
     """Drafts with an EAGLE-3-style draft model (angelmed.draft.DraftModel) on top of `target`: the draft's one
     decoder layer takes the fused low/middle/high target features at t and the target's embedding of token t+1,
     and scores the next token with (a vocabulary subset of) the target's frozen lm_head. Further drafts feed the
@@ -277,7 +282,6 @@ class Eagle3Drafter:
         self.model = target
         self.draft = draft.to(device=w.device, dtype=w.dtype).eval()
         self.feature_layers = tuple(dc.feature_layers)
-        self.kv: SlotCaches | None = None
         self.cfg = dc.target_config()
         with torch.no_grad():
             self.head_W = draft.head_weight(target).contiguous()  # frozen: gather the subset once
@@ -286,9 +290,6 @@ class Eagle3Drafter:
     @torch.no_grad()
     def fuse(self, feats: list[Tensor]) -> Tensor:
         return self.draft.fuse([f.to(self.head_W.dtype) for f in feats])
-
-    def allocate(self, max_batch: int, max_len: int) -> None:
-        self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
         w = self.head_W
@@ -299,15 +300,9 @@ class Eagle3Drafter:
         emb = self.model.model.word_embeddings(ids_BT)
         return self.draft(emb, g_BTD, self.draft.rope(pos_BT, g_BTD.dtype), mask, pos_BT, caches[0])
 
-    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
-        # position t sees (token t+1, features at t); the newest token is handled by the first propose
-        m, T = prompt_BT.shape
-        if T < 2:
-            return
-        pos = torch.arange(T - 1, device=prompt_BT.device).expand(m, T - 1)
-        tmp = [self._cache(m, T - 1)]
-        self._run(prompt_BT[:, 1:], hidden_BTD[:, :-1].to(self.head_W.dtype), pos, tmp)
-        self.kv.write_rows(slots, tmp)
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.head_W.dtype
 
     def _full_logits(self, o_BD: Tensor) -> Tensor:
         sub = F.linear(o_BD, self.head_W).float()
