@@ -283,12 +283,19 @@ def test_backends_chat_and_loglik(tmp_path, model):
     assert ll.tokenizer is tok
 
 
-@pytest.mark.slow
 def test_compiled_decode_step_matches_eager(model):
+    """Engine(compile=True) (MoE experts read in place by the compiled graph) gives the eager tokens, greedy and
+    seeded sampling alike, and really runs the compiled step."""
     ps = prompts(2, seed=9)
     eng = Engine(model, max_batch=2, max_seq_len=64, compile=True)
-    res = eng.generate([GenerationRequest(p, max_tokens=8, stop_ids=[]) for p in ps])
-    assert [r.token_ids for r in res] == [greedy_ref(model, p, 8) for p in ps]
+    compiled, calls = eng._decode_compiled, []
+    eng._decode_compiled = lambda *a: calls.append(a[1]) or compiled(*a)
+    reqs = lambda: [GenerationRequest(ps[0], max_tokens=8, stop_ids=[]),  # noqa: E731
+                    GenerationRequest(ps[1], max_tokens=8, stop_ids=[], temperature=0.9, top_p=0.9, seed=5)]
+    got = [r.token_ids for r in eng.generate(reqs())]
+    assert calls, "the compiled decode step never ran"
+    assert got[0] == greedy_ref(model, ps[0], 8)
+    assert got[1] == Engine(model, max_batch=2, max_seq_len=64).generate(reqs())[1].token_ids
 
 
 def test_fp8_fixture_through_the_engine_with_resident_fp8_weights(fixtures_dir):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from angelmed.infer.sampling import apply_repetition_penalty, filter_logits
-from angelmed.model import Transformer
+from angelmed.model import Experts, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +367,11 @@ class Engine:
         self._stop_thread = threading.Event()
         self._step_lock = threading.Lock()
         self.metrics = EngineMetrics(max_batch=max_batch)
-        self._decode = torch.compile(self._decode_fn, dynamic=False) if compile else self._decode_fn
+        self._decode_compiled = None
+        if compile:
+            # one graph per (rows, cache length) bucket and sampling flags: allow them all
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._decode_compiled = torch.compile(self._decode_fn, dynamic=False)
         if draft is not None:
             from angelmed.infer.speculative import SpecState
             self.spec = SpecState(self)
@@ -668,13 +672,23 @@ class Engine:
             return nxt, lp, route_LBk
         return nxt, lp
 
+    def _compiled_pays(self, n: int, tokens_per_row: int = 1) -> bool:
+        """Compiled MoE layers read each (token, expert) pair's weights in place (model.Experts._gathered); on a
+        CPU past `gather_pays` the eager step with its grouped GEMM is faster than a graph broken around it."""
+        if self._decode_compiled is None:
+            return False
+        experts = next((m for m in self.model.modules() if isinstance(m, Experts)), None)
+        return (self.device.type == "cuda" or experts is None
+                or experts.gather_pays(n * tokens_per_row * self.cfg.num_experts_per_tok))
+
     def _decode_step(self) -> None:
         n = self.active_prefix()
         sample, filt, penalty, want_lp = self._flags(n)
         record = any(s is not None and s.routing is not None for s in self.slots[:n])  # [routing record]
         caches = self.kv.view(n, self.attn_len(n))
+        decode = self._decode_compiled if self._compiled_pays(n) else self._decode_fn
         if record:
-            nxt, lp, route_LBk = self._decode(caches, n, sample, filt, penalty, want_lp, True)
+            nxt, lp, route_LBk = decode(caches, n, sample, filt, penalty, want_lp, True)
             if route_LBk is not None:  # the token each slot processed was accepted at the previous step
                 route_LBk = _routing_to_host(route_LBk, self.cfg.num_experts)
                 for i, s in enumerate(self.slots[:n]):
@@ -682,7 +696,7 @@ class Engine:
                         for layer, chunks in enumerate(s.routing):
                             chunks.append(route_LBk[layer, i:i + 1])
         else:
-            nxt, lp = self._decode(caches, n, sample, filt, penalty, want_lp)
+            nxt, lp = decode(caches, n, sample, filt, penalty, want_lp)
         tok, lps = self._to_host(nxt, lp)
         self._accept_tokens({i: [tok[i]] for i in range(n) if self.slots[i] is not None},
                             {i: [lps[i]] for i in range(n) if self.slots[i] is not None} if want_lp else None)
