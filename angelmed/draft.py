@@ -210,15 +210,8 @@ def read_draft_config(path: str | Path) -> DraftConfig:
 def target_features(target: Transformer, ids_BT: Tensor, layers: tuple[int, ...], pos_BT=None,
                     segment_BT=None) -> tuple[list[Tensor], Tensor]:
     """Hidden outputs of the chosen target layers and the target's logits (frozen teacher)."""
-    feats: dict[int, Tensor] = {}
-    hooks = [target.model.layers[i].register_forward_hook(
-        lambda m, inp, out, i=i: feats.__setitem__(i, out[0])) for i in layers]
-    try:
-        out = target(ids_BT, pos_BT=pos_BT, segment_BT=segment_BT)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [feats[i] for i in layers], out.logits
+    out = target(ids_BT, pos_BT=pos_BT, segment_BT=segment_BT, keep_layers=tuple(layers))
+    return out.layer_hidden, out.logits
 
 
 class _StackedKV:

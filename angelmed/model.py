@@ -347,6 +347,7 @@ class ModelOutput:
     mtp_logits: list[Tensor] = field(default_factory=list)  # per depth [B,T,V] fp32
     mtp_hidden: list[Tensor] = field(default_factory=list)
     router: list[RouterInfo] = field(default_factory=list)  # main MoE layers, then MTP layers
+    layer_hidden: list[Tensor] = field(default_factory=list)  # outputs of `keep_layers` (EAGLE-3 features)
 
     @property
     def routing(self) -> list[Tensor]:
@@ -399,13 +400,14 @@ class Transformer(nn.Module):
 
     def forward(self, ids_BT: Tensor, pos_BT: Tensor | None = None, segment_BT: Tensor | None = None,
                 caches: list[KVCache] | None = None, mtp: bool = False, compute_logits: bool = True,
-                forced_routing: list[Tensor] | None = None) -> ModelOutput:
+                forced_routing: list[Tensor] | None = None, keep_layers: tuple[int, ...] = ()) -> ModelOutput:
         """One forward pass.
 
         pos_BT: positions (default 0..T-1); segment_BT: packed-document ids (attention stays inside);
         caches: one KVCache per layer (main layers first, then MTP) for incremental decoding;
         mtp: also run the MTP layers (MTP-k sees ids rolled left k times, tail filled with id 0);
-        forced_routing: expert ids per MoE layer [B,T,k] (routing replay), in `ModelOutput.router` order.
+        forced_routing: expert ids per MoE layer [B,T,k] (routing replay), in `ModelOutput.router` order;
+        keep_layers: main layers whose outputs to return in `ModelOutput.layer_hidden` (in this order).
         """
         B, T = ids_BT.shape
         if pos_BT is None:
@@ -415,6 +417,7 @@ class Transformer(nn.Module):
         mask = self.causal_mask(pos_BT, segment_BT, None if caches is None else caches[0].k.shape[2])
         forced = iter(forced_routing) if forced_routing is not None else None
         router: list[RouterInfo] = []
+        kept: dict[int, Tensor] = {}
         h = emb
         for i in range(self.num_layers):
             layer = self.model.layers[i]
@@ -422,8 +425,11 @@ class Transformer(nn.Module):
             h, info = layer(h, rope, mask, pos_BT, None if caches is None else caches[i], fi)
             if info is not None:
                 router.append(info)
+            if i in keep_layers:
+                kept[i] = h
         h = self.model.norm(h)
-        out = ModelOutput(logits=self.logits_from_hidden(h) if compute_logits else None, hidden=h, router=router)
+        out = ModelOutput(logits=self.logits_from_hidden(h) if compute_logits else None, hidden=h, router=router,
+                          layer_hidden=[kept[i] for i in keep_layers])
         if mtp:
             ids_k, h_prev = ids_BT, h
             for depth in range(self.config.num_nextn_predict_layers):

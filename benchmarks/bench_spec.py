@@ -5,7 +5,7 @@ default the MTP numbers show the overhead; `--model DIR` runs a trained checkpoi
 "self-draft" row drafts with the target itself (every draft accepted: acceptance length k+1) and bounds what a
 perfect drafter could do, given the measured cost of a (k+1)-token verify forward vs a 1-token decode.
 
-    python benchmarks/bench_spec.py [--preset small] [--model DIR] [--k 3] [--batch 1] [--new-tokens 64]
+    python benchmarks/bench_spec.py [--preset small] [--model DIR] [--k 3] [--batch 1] [--new-tokens 64] [--compile]
 
 Last line: one JSON object.
 """
@@ -29,9 +29,9 @@ from angelmed.infer.speculative import LMDrafter, MTPDrafter  # noqa: E402
 from angelmed.model import Transformer  # noqa: E402
 
 
-def run(model, prompts, new_tokens: int, draft=None, k: int = 3, temperature: float = 0.0):
+def run(model, prompts, new_tokens: int, draft=None, k: int = 3, temperature: float = 0.0, compile: bool = False):
     eng = Engine(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens + 8,
-                 draft=draft, spec_tokens=k)
+                 draft=draft, spec_tokens=k, compile=compile)
     reqs = lambda: [GenerationRequest(p, max_tokens=new_tokens, stop_ids=[], temperature=temperature,  # noqa: E731
                                       seed=i) for i, p in enumerate(prompts)]
     eng.generate(reqs())  # warm-up
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="Engine(compile=True) for plain and speculative runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
@@ -92,15 +93,15 @@ def main() -> None:
                    for r in held_out]
         source += " (held-out ontology questions as chat prompts)"
     k = args.k
-    plain_tok, plain_tps, _ = run(model, prompts, args.new_tokens, temperature=args.temperature)
+    plain_tok, plain_tps, _ = run(model, prompts, args.new_tokens, temperature=args.temperature, compile=args.compile)
     out = {"model": source, "batch": args.batch, "k": k, "new_tokens": args.new_tokens,
-           "temperature": args.temperature, "plain_tok_s": round(plain_tps, 1)}
-    print(f"model {source}, batch {args.batch}, k {k}, temperature {args.temperature}")
+           "temperature": args.temperature, "compile": args.compile, "plain_tok_s": round(plain_tps, 1)}
+    print(f"model {source}, batch {args.batch}, k {k}, temperature {args.temperature}, compile {args.compile}")
     print(f"plain decoding:          {plain_tps:8.1f} tok/s")
     rows = [("mtp", MTPDrafter(model))] if model.config.num_nextn_predict_layers else []
     rows.append(("self_draft", LMDrafter(model)))
     for name, drafter in rows:
-        toks, tps, st = run(model, prompts, args.new_tokens, drafter, k, args.temperature)
+        toks, tps, st = run(model, prompts, args.new_tokens, drafter, k, args.temperature, args.compile)
         if args.temperature == 0:
             assert toks == plain_tok, f"{name}: speculative greedy output differs from plain decoding"
         out[name] = {"tok_s": round(tps, 1), "speedup": round(tps / plain_tps, 3),

@@ -19,7 +19,6 @@ chat. Shape suffixes: B slots, T tokens, V vocab, S cache positions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -32,7 +31,7 @@ from typing import AsyncIterator, Callable, Iterator, Protocol
 import torch
 from torch import Tensor
 
-from angelmed.infer.sampling import apply_repetition_penalty, filter_logits
+from angelmed.infer.sampling import apply_repetition_penalty, argmax, filter_logits
 from angelmed.model import Experts, Transformer
 
 log = logging.getLogger(__name__)
@@ -234,11 +233,11 @@ def process_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Te
 def pick_tokens(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, seed_B: Tensor,
                 counter_B: Tensor, sample: bool, filt: bool) -> Tensor:
     """Greedy rows: argmax. Sampling rows: Gumbel-max over the processed logits (= a draw from their softmax)."""
-    greedy = logits_BV.argmax(-1)
+    greedy = argmax(logits_BV)
     if not sample:
         return greedy
     x = process_logits(logits_BV, temp_B, topk_B, topp_B, filt)
-    sampled = (x + gumbel_noise(seed_B, counter_B, 0, x.shape[-1])).argmax(-1)
+    sampled = argmax(x + gumbel_noise(seed_B, counter_B, 0, x.shape[-1]))
     return torch.where(temp_B > 0, sampled, greedy)
 
 
@@ -367,11 +366,13 @@ class Engine:
         self._stop_thread = threading.Event()
         self._step_lock = threading.Lock()
         self.metrics = EngineMetrics(max_batch=max_batch)
+        self.compile = compile
+        self._experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
         self._decode_compiled = None
         if compile:
             # one graph per (rows, cache length) bucket and sampling flags: allow them all
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self._decode_compiled = torch.compile(self._decode_fn, dynamic=False)
+            self._decode_compiled = torch.compile(self._decode_fn, dynamic=None)
         if draft is not None:
             from angelmed.infer.speculative import SpecState
             self.spec = SpecState(self)
@@ -595,9 +596,9 @@ class Engine:
         # right padding is harmless: pad positions lie past the row's frontier and are overwritten before use
         pos = torch.arange(T, device=dev).expand(m, T)
         tmp = self.model.make_caches(m, T)
-        # [spec hook] an EAGLE-3 drafter reads intermediate target layers: SpecState.capture() taps them here
-        with self.spec.capture() if self.spec is not None else contextlib.nullcontext():
-            out = self.model(ids, pos_BT=pos, caches=tmp, compute_logits=False)
+        # [spec hook] an EAGLE-3 drafter reads intermediate target layers
+        keep = self.spec.feature_layers if self.spec is not None else ()
+        out = self.model(ids, pos_BT=pos, caches=tmp, compute_logits=False, keep_layers=keep)
         last = torch.tensor([n - 1 for n in lens], device=dev)
         # only each row's last position is sampled: skip the lm_head (and a [m,T,V] fp32 tensor) elsewhere
         logits = last_logits = self.model.logits_from_hidden(out.hidden[torch.arange(m, device=dev), last])
@@ -677,9 +678,8 @@ class Engine:
         CPU past `gather_pays` the eager step with its grouped GEMM is faster than a graph broken around it."""
         if self._decode_compiled is None:
             return False
-        experts = next((m for m in self.model.modules() if isinstance(m, Experts)), None)
-        return (self.device.type == "cuda" or experts is None
-                or experts.gather_pays(n * tokens_per_row * self.cfg.num_experts_per_tok))
+        return (self.device.type == "cuda" or self._experts is None
+                or self._experts.gather_pays(n * tokens_per_row * self.cfg.num_experts_per_tok))
 
     def _decode_step(self) -> None:
         n = self.active_prefix()

@@ -14,14 +14,16 @@ Drafters implement `DraftModel`; `MTPDrafter` uses the checkpoint's MTP layer (E
 takes the target's final hidden state at t and the embedding of token t+1, and predicts t+2; further drafts
 feed the layer's own output hidden back in). `LMDrafter` is classic draft-model speculation with a small LM of
 the same vocabulary. `Eagle3Drafter` runs a separately trained EAGLE-3-style draft (angelmed.draft): it is fed
-the outputs of three target layers, which `FeatureTap` captures during the target's own prefill and verify
-forwards (a drafter asks for them with a `feature_layers` attribute and turns them into its hidden input with
-`fuse`). Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
+the outputs of three target layers, which the target's own prefill and verify forwards return (a drafter asks for
+them with a `feature_layers` attribute and turns them into its hidden input with `fuse`).
+
+With `Engine(compile=True)` the drafter's proposal and the verify-and-accept step each run as one compiled graph
+(no host sync inside either), chosen per round like the engine's decode step (`Engine._compiled_pays`).
+Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from angelmed.infer.engine import SlotCaches, gumbel_noise, process_logits, token_logprobs, uniform_noise
-from angelmed.infer.sampling import apply_repetition_penalty
-from angelmed.model import KVCache, Transformer, rope_cos_sin
+from angelmed.infer.sampling import apply_repetition_penalty, argmax
+from angelmed.model import Experts, KVCache, Transformer, rope_cos_sin
 
 if TYPE_CHECKING:
     from angelmed.draft import DraftModel as Eagle3Model
@@ -74,11 +76,13 @@ class DraftModel(Protocol):
         """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n). q may be None when
         state.sample is False: greedy rounds compare tokens only."""
 
+    moe: bool  # has MoE layers (then compiled proposals pay only at small batch; see Engine._compiled_pays)
+
 
 def probs_from_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, filt: bool,
                       sample: bool) -> Tensor:
     """The distribution a row samples from: one-hot argmax for greedy rows, softmax of processed logits else."""
-    greedy = F.one_hot(logits_BV.argmax(-1), logits_BV.shape[-1]).to(logits_BV.dtype)
+    greedy = F.one_hot(argmax(logits_BV), logits_BV.shape[-1]).to(logits_BV.dtype)
     if not sample:
         return greedy
     p = process_logits(logits_BV, temp_B, topk_B, topp_B, filt).softmax(-1)
@@ -87,7 +91,7 @@ def probs_from_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B:
 
 def draw(probs_BV: Tensor, seed_B: Tensor, counter_B: Tensor, stream: int) -> Tensor:
     """One token per row from probs (Gumbel-max; zero-probability tokens are never drawn)."""
-    return (probs_BV.log() + gumbel_noise(seed_B, counter_B, stream, probs_BV.shape[-1])).argmax(-1)
+    return argmax(probs_BV.log() + gumbel_noise(seed_B, counter_B, stream, probs_BV.shape[-1]))
 
 
 def accept_drafts(p_BKV: Tensor, drafts_Bk: Tensor, q_BkV: Tensor, seed_B: Tensor, counter_B: Tensor
@@ -133,7 +137,7 @@ def chain_drafts(st: "ContextState", k: int, rows: Tensor, next_logits) -> tuple
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, st.pen_B)
         q = probs_from_logits(logits, st.temp_B, st.topk_B, st.topp_B, st.filt, st.sample)
-        d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else logits.argmax(-1)
+        d = draw(q, st.seed_B, st.counter_B, 10 + j) if st.sample else argmax(logits)
         drafts.append(d)
         qs.append(q)
         if seen is not None:
@@ -165,6 +169,8 @@ class HiddenStateDrafter:
 class MTPDrafter(HiddenStateDrafter):
     """Drafts with MTP layer `depth` of `model` (the target itself, or a separately trained draft checkpoint of
     the same shape whose MTP layer was trained on the target's hidden states). Keeps its own KV cache."""
+
+    moe = True  # the MTP layer's FFN is always MoE
 
     def __init__(self, model: Transformer, depth: int = 0):
         if model.config.num_nextn_predict_layers <= depth:
@@ -211,6 +217,7 @@ class LMDrafter:
     def __init__(self, model: Transformer):
         self.model = model.eval()
         self.kv: SlotCaches | None = None
+        self.moe = any(isinstance(m, Experts) for m in model.modules())
 
     def allocate(self, max_batch: int, max_len: int) -> None:
         self.kv = SlotCaches(self.model.make_caches(max_batch, max_len + 1), max_len + 1)
@@ -238,42 +245,13 @@ class LMDrafter:
         return chain_drafts(st, k, rows, next_logits)
 
 
-class FeatureTap:
-    """Captures the outputs of chosen target layers during the forwards run inside `with tap:` (forward hooks,
-    registered on entry and removed on exit, so the target is untouched outside speculative forwards)."""
-
-    def __init__(self, model: Transformer, layers: tuple[int, ...]):
-        n = model.config.num_hidden_layers
-        if not layers or not all(0 <= i < n for i in layers):
-            raise ValueError(f"feature layers {list(layers)} must lie in [0, {n})")
-        self.model, self.layers = model, tuple(layers)
-        self.outputs: dict[int, Tensor] = {}
-        self._hooks: list = []
-
-    def __enter__(self) -> "FeatureTap":
-        self.outputs = {}
-        self._hooks = [self.model.model.layers[i].register_forward_hook(
-            lambda mod, inp, out, i=i: self.outputs.__setitem__(i, out[0])) for i in self.layers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def take(self) -> list[Tensor]:
-        missing = [i for i in self.layers if i not in self.outputs]
-        if missing:
-            raise RuntimeError(f"FeatureTap: no output captured for target layer(s) {missing}")
-        out, self.outputs = [self.outputs[i] for i in self.layers], {}
-        return out
-
-
 class Eagle3Drafter(HiddenStateDrafter):
     """Drafts with an EAGLE-3-style draft model (angelmed.draft.DraftModel) on top of `target`: the draft's one
     decoder layer takes the fused low/middle/high target features at t and the target's embedding of token t+1,
     and scores the next token with (a vocabulary subset of) the target's frozen lm_head. Further drafts feed the
     layer's own output back (chain drafting). Keeps its own one-layer KV cache."""
+
+    moe = False  # one dense decoder layer
 
     def __init__(self, target: Transformer, draft: "Eagle3Model"):
         dc = draft.draft_config
@@ -328,7 +306,7 @@ class Eagle3Drafter(HiddenStateDrafter):
             for _ in range(k):
                 if drafts:
                     advance(drafts[-1])
-                d = F.linear(g_BD, self.head_W).argmax(-1)
+                d = argmax(F.linear(g_BD, self.head_W))
                 drafts.append(d if self.vocab_map is None else self.vocab_map[d])
             return torch.stack(drafts, 1), None
 
@@ -376,16 +354,19 @@ class SpecState:
         self.hidden_BLD = torch.zeros(B, K, D, dtype=engine.dtype, device=dev)
         self.len_B = torch.ones(B, dtype=torch.long, device=dev)
         self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
-        layers = getattr(engine.draft, "feature_layers", None)  # EAGLE-3 drafters want intermediate layers
-        self.tap = FeatureTap(engine.model, layers) if layers else None
-
-    def capture(self):
-        """Context for a target forward whose hidden states the drafter will read (prefill, verify)."""
-        return self.tap if self.tap is not None else contextlib.nullcontext()
+        # EAGLE-3 drafters read intermediate target layers; the others the final hidden state
+        self.feature_layers = tuple(getattr(engine.draft, "feature_layers", None) or ())
+        L = engine.cfg.num_hidden_layers
+        if not all(0 <= i < L for i in self.feature_layers):
+            raise ValueError(f"draft feature layers {list(self.feature_layers)} must lie in [0, {L})")
+        self._propose_compiled = self._verify_compiled = None
+        if engine.compile:
+            self._propose_compiled = torch.compile(engine.draft.propose, dynamic=None)
+            self._verify_compiled = torch.compile(self._verify, dynamic=None)
 
     def features(self, out) -> Tensor:
-        """What the drafter takes per target position: fused captured layers, or the final hidden state."""
-        return self.e.draft.fuse(self.tap.take()) if self.tap is not None else out.hidden
+        """What the drafter takes per target position: fused chosen layers, or the final hidden state."""
+        return self.e.draft.fuse(out.layer_hidden) if self.feature_layers else out.hidden
 
     def absorb_prompt(self, idx: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int],
                       first_tok: Tensor) -> None:
@@ -401,8 +382,7 @@ class SpecState:
         n = e.active_prefix()
         sample, filt, penalty, want_lp = e._flags(n)
         S = e.attn_len(n, extra=2 * (k + 1))
-        dev = e.device
-        ar = torch.arange(k + 1, device=dev)
+        ar = torch.arange(k + 1, device=e.device)
         pos_B, len_B = e.pos_B[:n], self.len_B[:n]
         st = ContextState(
             ids_BL=self.ids_BL[:n], hidden_BLD=self.hidden_BLD[:n],
@@ -410,40 +390,14 @@ class SpecState:
             temp_B=e.temp_B[:n], topk_B=e.topk_B[:n], topp_B=e.topp_B[:n], seed_B=e.seed_B[:n],
             counter_B=e.counter_B[:n], sample=sample, filt=filt,
             seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
-        drafts, q = e.draft.propose(st, k)
-        ids = torch.cat([e.tok_B[:n, None], drafts], dim=1)
-        with self.capture():
-            out = e.model(ids, pos_BT=pos_B[:, None] + ar, caches=e.kv.view(n, S))
-        raw = out.logits  # [n, k+1, V]
-        logits = raw
-        if penalty:
-            seen = _seen_after_drafts(e.seen_BV[:n], drafts)
-            logits = apply_repetition_penalty(raw.reshape(-1, raw.shape[-1]), seen.reshape(-1, raw.shape[-1]),
-                                              e.pen_B[:n].repeat_interleave(k + 1)).view_as(raw)
-        if sample:
-            V = raw.shape[-1]
-            rep = lambda t: t.repeat_interleave(k + 1)  # noqa: E731  per-position copies of per-row settings
-            p = probs_from_logits(logits.reshape(-1, V), rep(e.temp_B[:n]), rep(e.topk_B[:n]), rep(e.topp_B[:n]),
-                                  filt, True).view_as(raw)
-            toks, a = accept_drafts(p, drafts, q, e.seed_B[:n], e.counter_B[:n])
-        else:  # all greedy: accepted drafts equal the target argmax, so the argmax row is the answer
-            toks = logits.argmax(-1)
-            a = (drafts == toks[:, :k]).long().cumprod(-1).sum(-1)
-        rows = torch.arange(n, device=dev)
-        active = e.active_B[:n]
-        e.tok_B[:n] = toks[rows, a]
-        e.pos_B[:n] += (a + 1) * active
-        e.counter_B[:n] += 1
-        emitted = ar[None, :] <= a[:, None]
-        e.seen_BV[:n].scatter_(1, torch.where(emitted, toks, toks[rows, a][:, None]), True)
-        self.ids_BL[:n] = toks
-        self.hidden_BLD[:n] = self.features(out).to(self.hidden_BLD.dtype)
-        self.len_B[:n] = a + 1
-        # one device->host copy: tokens, accepted counts (and log-probs) packed together
-        parts = [toks.double(), a.double()[:, None]]
-        if want_lp:
-            parts.append(token_logprobs(raw, toks).double())
-        host = torch.cat(parts, dim=1).cpu()
+        caches = e.kv.view(n, S)
+        e.draft.kv.view(n, S) if getattr(e.draft, "kv", None) is not None else None  # views made outside graphs
+        pays = e._compiled_pays(n, k + 1)
+        draft_pays = pays or not getattr(e.draft, "moe", True)  # a dense drafter compiles at any batch
+        propose = self._propose_compiled if self._propose_compiled and draft_pays else e.draft.propose
+        drafts, q = propose(st, k)
+        verify = self._verify_compiled if self._verify_compiled and pays else self._verify
+        host = verify(caches, n, drafts, q, sample, filt, penalty, want_lp).cpu()  # the round's one host copy
         tok_h = host[:, :k + 1].long().tolist()
         a_h = host[:, k + 1].long().tolist()
         lp_h = host[:, k + 2:].tolist() if want_lp else None
@@ -462,3 +416,41 @@ class SpecState:
         e.metrics.spec_drafted = self.stats.drafted
         e.metrics.spec_accepted = self.stats.accepted
         e._accept_tokens(new, new_lp)
+
+    def _verify(self, caches, n: int, drafts: Tensor, q: Tensor | None, sample: bool, filt: bool, penalty: bool,
+                want_lp: bool) -> Tensor:
+        """Target forward over [x, drafts], acceptance, state updates, on device. Returns [n, k+2(+k+1)] float64:
+        the k+1 tokens, the accepted count (and the log-probs)."""
+        e, k = self.e, self.k
+        ar = torch.arange(k + 1, device=e.device)
+        ids = torch.cat([e.tok_B[:n, None], drafts], dim=1)
+        out = e.model(ids, pos_BT=e.pos_B[:n, None] + ar, caches=caches, keep_layers=self.feature_layers)
+        raw = out.logits  # [n, k+1, V]
+        logits = raw
+        if penalty:
+            seen = _seen_after_drafts(e.seen_BV[:n], drafts)
+            logits = apply_repetition_penalty(raw.reshape(-1, raw.shape[-1]), seen.reshape(-1, raw.shape[-1]),
+                                              e.pen_B[:n].repeat_interleave(k + 1)).view_as(raw)
+        if sample:
+            V = raw.shape[-1]
+            rep = lambda t: t.repeat_interleave(k + 1)  # noqa: E731  per-position copies of per-row settings
+            p = probs_from_logits(logits.reshape(-1, V), rep(e.temp_B[:n]), rep(e.topk_B[:n]), rep(e.topp_B[:n]),
+                                  filt, True).view_as(raw)
+            toks, a = accept_drafts(p, drafts, q, e.seed_B[:n], e.counter_B[:n])
+        else:  # all greedy: accepted drafts equal the target argmax, so the argmax row is the answer
+            toks = argmax(logits)
+            a = (drafts == toks[:, :k]).long().cumprod(-1).sum(-1)
+        rows = torch.arange(n, device=e.device)
+        e.tok_B[:n] = toks[rows, a]
+        e.pos_B[:n] += (a + 1) * e.active_B[:n]
+        e.counter_B[:n] += 1
+        emitted = ar[None, :] <= a[:, None]
+        e.seen_BV[:n].scatter_(1, torch.where(emitted, toks, toks[rows, a][:, None]), True)
+        self.ids_BL[:n] = toks
+        self.hidden_BLD[:n] = self.features(out).to(self.hidden_BLD.dtype)
+        self.len_B[:n] = a + 1
+        parts = [toks.double(), a.double()[:, None]]
+        if want_lp:
+            parts.append(token_logprobs(raw, toks).double())
+        return torch.cat(parts, dim=1)
+
