@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and activations on both sides (bf16: half the bytes per token)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared few-core machine more threads mostly spin)")
     args = ap.parse_args()
@@ -90,13 +92,16 @@ def main() -> None:
     bw = copy_bandwidth() / 1e9
     print(f"copy bandwidth: {bw:.1f} GB/s (read+write), torch threads {torch.get_num_threads()}, "
           f"tcmalloc {'on' if TCMALLOC in os.environ.get('LD_PRELOAD', '') else 'off'}")
-    results = {"copy_bandwidth_GBps": round(bw, 2), "threads": torch.get_num_threads(), "runs": []}
+    results = {"copy_bandwidth_GBps": round(bw, 2), "threads": torch.get_num_threads(), "dtype": args.dtype,
+               "runs": []}
     for preset in args.presets:
         cfg = get_preset(preset)
         model = Transformer(cfg).init_weights(0).eval()
         hf = hf_peer(model)
         g = torch.Generator().manual_seed(0)
         diff = check_parity(model, hf, torch.randint(0, cfg.vocab_size, (2, 24), generator=g))
+        dtype = getattr(torch, args.dtype)
+        model, hf = model.to(dtype), hf.to(dtype)  # parity checked in fp32; the router stays fp32 on our side
         print(f"[{preset}] logits agree with Glm4MoeForCausalLM: max |diff| {diff:.2e}")
         for B in args.batches:
             prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
@@ -110,7 +115,7 @@ def main() -> None:
             line = (f"[{preset}] batch {B:>2}: engine {ours:8.1f} tok/s (x{ours / theirs:.2f}) | compiled "
                     f"{compiled:8.1f} tok/s (x{compiled / theirs:.2f}) | transformers generate {theirs:8.1f} tok/s")
             if B == 1:
-                need = decode_bytes_per_token(cfg, args.prompt_len + args.new_tokens // 2)
+                need = decode_bytes_per_token(cfg, args.prompt_len + args.new_tokens // 2, dtype.itemsize)
                 ceiling = bw * 1e9 / need
                 row.update(bytes_per_token=need, ceiling_tok_s=round(ceiling, 1),
                            fraction_of_bandwidth_ceiling=round(ours / ceiling, 3),

@@ -294,8 +294,10 @@ def bucket(n: int, limit: int) -> int:
     return min(b, limit)
 
 
-def bucket_len(n: int, limit: int, quantum: int = 64) -> int:
-    return min(limit, max(quantum, bucket(-(-n // quantum), 1 << 30) * quantum))
+def round_up(n: int, limit: int, quantum: int = 64) -> int:
+    """n rounded up to a multiple of quantum, capped at limit. (Not a power of two: attention cost follows the
+    length, and a compiled step makes the length a dynamic dimension after its second distinct value.)"""
+    return min(limit, -(-n // quantum) * quantum)
 
 
 # ---- per-slot host state -------------------------------------------------------------------------------
@@ -649,7 +651,7 @@ class Engine:
     def attn_len(self, n: int, extra: int = 1) -> int:
         """Cache positions the next step can touch (rows up to n), rounded up to limit distinct shapes."""
         longest = max(s.prompt_len + len(s.generated) for s in self.slots[:n] if s is not None)
-        return bucket_len(longest + extra, self._cache_len)
+        return round_up(longest + extra, self._cache_len)
 
     def _decode_fn(self, caches: list[CacheView], n: int, sample: bool, filt: bool, penalty: bool, want_lp: bool,
                    record: bool = False):
