@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -300,6 +301,19 @@ def round_up(n: int, limit: int, quantum: int = 64) -> int:
     return min(limit, -(-n // quantum) * quantum)
 
 
+def _decompose_cpu_gemv() -> None:
+    """Let inductor turn one-row matmuls (batch-1 decode) on CPU into fused multiply-reduce kernels, lifting its
+    2048 size cap so every projection and the lm_head qualify: in bf16 that streams weights at 2.2x the rate of the
+    library GEMV (measured: base-100m batch-1 decode 165 -> 238 tok/s); fp32 is unchanged."""
+    import torch._inductor.config
+
+    opts = torch._inductor.config.post_grad_fusion_options
+    opts.setdefault("decompose_mm_pass", {"cpu_max_other_dimension_decomposition": 1 << 30})
+    mod = sys.modules.get("torch._inductor.fx_passes.decompose_mem_bound_mm")
+    if mod is not None:  # imported by an earlier compile: it read the cap at import
+        mod.cpu_max_other_dimension_decomposition = max(mod.cpu_max_other_dimension_decomposition, 1 << 30)
+
+
 # ---- per-slot host state -------------------------------------------------------------------------------
 @dataclass
 class _Slot:
@@ -374,6 +388,8 @@ class Engine:
         if compile:
             # one graph per (rows, cache length) bucket and sampling flags: allow them all
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            if self.device.type == "cpu":
+                _decompose_cpu_gemv()
             self._decode_compiled = torch.compile(self._decode_fn, dynamic=None)
         if draft is not None:
             from angelmed.infer.speculative import SpecState
