@@ -208,8 +208,9 @@ class Experts(nn.Module):
         # than a host sync (measured), so eager CPU takes the grouped path.
         if self.gather_pays(T * k) and (x_TD.is_cuda or torch.compiler.is_compiling()):
             return self._gathered(x_TD, idx_Tk, w_Tk)
-        if torch.compiler.is_compiling() and not x_TD.is_cuda:
-            return self._grouped_eager(x_TD, idx_Tk, w_Tk)  # inductor has no CPU grouped GEMM
+        in_graph = x_TD.is_cuda or (x_TD.dtype == torch.bfloat16 and _use_grouped_mm(x_TD, self.gate_proj.shape[1]))
+        if torch.compiler.is_compiling() and not in_graph:
+            return self._grouped_eager(x_TD, idx_Tk, w_Tk)  # inductor's CPU grouped GEMM is bf16-only
         return self._grouped(x_TD, idx_Tk, w_Tk)
 
     def gather_pays(self, pairs: int) -> bool:
@@ -219,9 +220,13 @@ class Experts(nn.Module):
 
     def _gathered(self, x_TD, idx_Tk, w_Tk):
         g, u, d = self.gate_proj[idx_Tk], self.up_proj[idx_Tk], self.down_proj[idx_Tk]  # [T,k,I,D] / [T,k,D,I]
-        x = x_TD[:, None, None, :]
-        h_TkI = F.silu((g * x).sum(-1)) * (u * x).sum(-1)  # products + sums, not einsum: one fused kernel each
-        y_TkD = (d * h_TkI[:, :, None, :]).sum(-1)
+        if torch.compiler.is_compiling():  # products + sums: inductor fuses gather, product and sum in one kernel
+            x = x_TD[:, None, None, :]
+            h_TkI = F.silu((g * x).sum(-1)) * (u * x).sum(-1)
+            y_TkD = (d * h_TkI[:, :, None, :]).sum(-1)
+        else:  # eager (GPU): batched GEMVs over the gathered copies
+            h_TkI = F.silu(torch.einsum("tkid,td->tki", g, x_TD)) * torch.einsum("tkid,td->tki", u, x_TD)
+            y_TkD = torch.einsum("tkdi,tki->tkd", d, h_TkI)
         return (y_TkD.float() * w_Tk[..., None]).sum(1)
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
@@ -232,7 +237,7 @@ class Experts(nn.Module):
         token = order // k
         counts_E = _count(flat, E)
         x_sorted = x_TD[token]
-        if _use_grouped_mm(x_sorted):
+        if _use_grouped_mm(x_sorted, self.gate_proj.shape[1]):
             offs = counts_E.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), offs=offs))
             h = h * torch._grouped_mm(x_sorted, self.up_proj.transpose(1, 2), offs=offs)
@@ -257,9 +262,10 @@ def _count(idx: Tensor, n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
 
 
-def _use_grouped_mm(x: Tensor) -> bool:
-    # torch._grouped_mm needs 16-byte aligned strides; on CUDA it wants bf16. Fall back otherwise.
-    if not hasattr(torch, "_grouped_mm") or x.shape[-1] * x.element_size() % 16:
+def _use_grouped_mm(x: Tensor, hidden: int) -> bool:
+    # torch._grouped_mm needs 16-byte aligned rows (of x and of the [*, hidden] intermediate); on CUDA it wants
+    # bf16. Fall back otherwise.
+    if not hasattr(torch, "_grouped_mm") or (x.shape[-1] * x.element_size()) % 16 or (hidden * x.element_size()) % 16:
         return False
     return x.dtype == torch.bfloat16 if x.is_cuda else x.dtype in (torch.float32, torch.bfloat16)
 

@@ -692,11 +692,12 @@ class Engine:
         return nxt, lp
 
     def _compiled_pays(self, n: int, tokens_per_row: int = 1) -> bool:
-        """Compiled MoE layers read each (token, expert) pair's weights in place (model.Experts._gathered); on a
-        CPU past `gather_pays` the eager step with its grouped GEMM is faster than a graph broken around it."""
+        """Compiled MoE layers read each (token, expert) pair's weights in place while `gather_pays`, and use the
+        grouped GEMM past it, inside the graph on GPUs and for bf16 on CPU. An fp32 CPU graph must break around
+        the grouped GEMM there, which is slower than the eager step (measured)."""
         if self._decode_compiled is None:
             return False
-        return (self.device.type == "cuda" or self._experts is None
+        return (self.device.type == "cuda" or self.dtype == torch.bfloat16 or self._experts is None
                 or self._experts.gather_pays(n * tokens_per_row * self.cfg.num_experts_per_tok))
 
     def _decode_step(self) -> None:

@@ -391,7 +391,8 @@ class SpecState:
             counter_B=e.counter_B[:n], sample=sample, filt=filt,
             seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
         caches = e.kv.view(n, S)
-        e.draft.kv.view(n, S) if getattr(e.draft, "kv", None) is not None else None  # views made outside graphs
+        if isinstance(e.draft, HiddenStateDrafter):  # its cache views are made here, outside compiled graphs
+            e.draft.kv.view(n, S)
         pays = e._compiled_pays(n, k + 1)
         draft_pays = pays or not getattr(e.draft, "moe", True)  # a dense drafter compiles at any batch
         propose = self._propose_compiled if self._propose_compiled and draft_pays else e.draft.propose
