@@ -286,16 +286,22 @@ def test_backends_chat_and_loglik(tmp_path, model):
 def test_compiled_decode_step_matches_eager(model):
     """Engine(compile=True) (MoE experts read in place by the compiled graph) gives the eager tokens, greedy and
     seeded sampling alike, and really runs the compiled step."""
+    from torch._dynamo.utils import counters
+
     ps = prompts(2, seed=9)
-    eng = Engine(model, max_batch=2, max_seq_len=64, compile=True)
+    eng = Engine(model, max_batch=2, max_seq_len=96, compile=True)
     compiled, calls = eng._decode_compiled, []
     eng._decode_compiled = lambda *a: calls.append(a[1]) or compiled(*a)
+    eng.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    greedy = eng.generate([GenerationRequest(p, max_tokens=8 + 40 * i, stop_ids=[]) for i, p in enumerate(ps)])
+    assert calls, "the compiled decode step never ran"
+    assert counters["stats"]["unique_graphs"] == graphs, "greedy decoding compiled again after warm_up()"
+    assert [r.token_ids for r in greedy] == [greedy_ref(model, p, 8 + 40 * i) for i, p in enumerate(ps)]
     reqs = lambda: [GenerationRequest(ps[0], max_tokens=8, stop_ids=[]),  # noqa: E731
                     GenerationRequest(ps[1], max_tokens=8, stop_ids=[], temperature=0.9, top_p=0.9, seed=5)]
     got = [r.token_ids for r in eng.generate(reqs())]
-    assert calls, "the compiled decode step never ran"
-    assert got[0] == greedy_ref(model, ps[0], 8)
-    assert got[1] == Engine(model, max_batch=2, max_seq_len=64).generate(reqs())[1].token_ids
+    assert got[1] == Engine(model, max_batch=2, max_seq_len=96).generate(reqs())[1].token_ids
 
 
 def test_fp8_fixture_through_the_engine_with_resident_fp8_weights(fixtures_dir):

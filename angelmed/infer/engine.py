@@ -440,6 +440,16 @@ class Engine:
             self.step()
         return [h.result() for h in handles]
 
+    def warm_up(self) -> float:
+        """Compile before traffic arrives (compile=True): one row, then two, each crossing a cache-length step,
+        so the first compile and the recompile that makes batch and length dynamic happen here, not inside a
+        user's request. Returns the seconds it took."""
+        t = time.perf_counter()
+        n = max(1, min(60, self.max_seq_len - 12))
+        for rows in (1, 2)[:self.max_batch]:
+            self.generate([GenerationRequest([0] * n, max_tokens=8, stop_ids=[]) for _ in range(rows)])
+        return time.perf_counter() - t
+
     def stream_sync(self, req: GenerationRequest) -> Iterator[Delta]:
         """Deltas of one request, blocking. Drives the engine itself unless the runner thread is on."""
         q: queue.SimpleQueue[Delta] = queue.SimpleQueue()

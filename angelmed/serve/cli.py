@@ -172,6 +172,9 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                     stop_ids=_stop_ids(model_dir, tokenizer), max_queue=max_queue, compile=compile,
                     draft=drafter, spec_tokens=spec_tokens)
+    if compile:
+        log.info("compiling the decode step (first requests would otherwise wait for it)")
+        log.info("compiled in %.0f s", engine.warm_up())
     return engine, tokenizer
 
 
