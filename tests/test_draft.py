@@ -40,6 +40,14 @@ def test_target_features_are_the_chosen_layer_outputs():
     torch.testing.assert_close(logits, ref.logits)
     assert len(feats) == 2 and feats[0].shape == (1, 6, 64)
     assert not torch.allclose(feats[0], feats[1])
+    # the last layer's output, final-normed, gives the logits; layer 0's equals what a forward hook sees
+    torch.testing.assert_close(target.logits_from_hidden(target.model.norm(feats[1])), ref.logits)
+    seen = []
+    hook = target.model.layers[0].register_forward_hook(lambda m, i, o: seen.append(o[0]))
+    with torch.no_grad():
+        target(ids)
+    hook.remove()
+    torch.testing.assert_close(feats[0], seen[0])
 
 
 def test_save_load_roundtrip(tmp_path):
