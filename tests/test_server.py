@@ -148,6 +148,9 @@ def test_errors_are_4xx_with_message_and_server_survives(server):
     r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "doctor",
                                                                                     "content": "x"}]})
     assert r.status_code == 400 and "messages.0.role" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "logprobs": True,
+                                                       "top_logprobs": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=10**9)
     with pytest.raises(openai.BadRequestError, match="context"):

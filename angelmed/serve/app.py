@@ -90,6 +90,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=0)  # alternatives are not computed: refuse, don't drop
 
 
 class CompletionRequest(_SamplingFields):
