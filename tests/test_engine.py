@@ -197,6 +197,28 @@ def test_logprobs_match_full_forward(model):
     assert np.allclose(r.logprobs, want, atol=1e-4)
 
 
+def test_top_logprobs_are_the_most_likely_tokens(model):
+    """Beside a request without them (the batch computes the larger n), each row gets exactly its own n
+    alternatives per step: the full forward's n most likely tokens with their log-probs."""
+    ps = prompts(2, seed=7)
+    eng = Engine(model, max_batch=2, max_seq_len=64)
+    r, other = eng.generate([
+        GenerationRequest(ps[0], max_tokens=6, temperature=0.7, seed=2, logprobs=True, top_logprobs=3, stop_ids=[]),
+        GenerationRequest(ps[1], max_tokens=6, logprobs=True, top_logprobs=5, stop_ids=[])])
+    assert other.top_logprobs is not None and all(len(t) == 5 for t in other.top_logprobs)
+    with torch.no_grad():
+        lsm = model(torch.tensor([ps[0] + r.token_ids])).logits[0].log_softmax(-1)
+    assert len(r.top_logprobs) == len(r.token_ids) == 6
+    for j, top in enumerate(r.top_logprobs):
+        vals, ids = lsm[len(ps[0]) - 1 + j].topk(3)
+        assert [t for t, _ in top] == ids.tolist()
+        assert np.allclose([v for _, v in top], vals.tolist(), atol=1e-4)
+    plain = eng.generate([GenerationRequest(ps[0], max_tokens=2, logprobs=True, stop_ids=[])])[0]
+    assert plain.top_logprobs is None
+    with pytest.raises(ValueError, match="top_logprobs"):
+        eng.submit(GenerationRequest(ps[0], top_logprobs=3))
+
+
 def test_repetition_penalty_matches_hand_rule(model):
     p = prompts(1, seed=7)[0]
     ids = list(p)

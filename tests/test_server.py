@@ -121,6 +121,34 @@ def test_chat_non_stream_and_stream(server):
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
 
 
+def test_logprobs_and_top_logprobs(server):
+    """Greedy: each token is its step's most likely one, so it heads its own top_logprobs with the same log-prob;
+    the log-probs equal a full forward's; the legacy completions API gives {token: log-prob} maps."""
+    url, model, tok, _ = server
+    c = client(url)
+    r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=5, temperature=0, logprobs=True,
+                                  top_logprobs=3)
+    items = r.choices[0].logprobs.content
+    assert len(items) == 5 and all(len(it.top_logprobs) == 3 for it in items)
+    for it in items:
+        assert it.top_logprobs[0].token == it.token and abs(it.top_logprobs[0].logprob - it.logprob) < 1e-6
+        assert it.top_logprobs[0].logprob >= it.top_logprobs[1].logprob >= it.top_logprobs[2].logprob
+    ids = tok.encode(tok.render_chat(MSGS, add_generation_prompt=True))
+    out = generate(model, torch.tensor([ids]), 5)[0].tolist()
+    with torch.no_grad():
+        lsm = model(torch.tensor([ids + out])).logits[0].log_softmax(-1)
+    assert all(abs(it.logprob - lsm[len(ids) - 1 + j, t].item()) < 1e-4 for j, (it, t) in enumerate(zip(items, out)))
+    chunks = list(c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=5, temperature=0, logprobs=True,
+                                            top_logprobs=2, stream=True))
+    streamed = [it for ch in chunks if ch.choices and ch.choices[0].logprobs for it in ch.choices[0].logprobs.content]
+    assert [it.token for it in streamed] == [it.token for it in items]
+    assert all(len(it.top_logprobs) == 2 for it in streamed)
+    r = c.completions.create(model=MODEL, prompt="Aspirin dose", max_tokens=3, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.top_logprobs) == 3 and all(len(m) <= 2 for m in lp.top_logprobs)
+    assert all(abs(max(m.values()) - v) < 1e-6 for m, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
 def test_stop_and_max_tokens(server):
     url, model, tok, _ = server
     c = client(url)
@@ -148,8 +176,10 @@ def test_errors_are_4xx_with_message_and_server_survives(server):
     r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "doctor",
                                                                                     "content": "x"}]})
     assert r.status_code == 400 and "messages.0.role" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "top_logprobs": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "logprobs": True,
-                                                       "top_logprobs": 5})
+                                                       "top_logprobs": 21})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=10**9)

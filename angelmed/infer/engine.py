@@ -75,6 +75,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stop_ids: list[int] | None = None
     logprobs: bool = False  # log-prob of each generated token under the raw model distribution
+    top_logprobs: int = 0  # with logprobs: also the n most likely tokens at each step (n <= 20)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # [routing record] GRPO routing replay (R3): return the expert ids the model chose for this request
     record_routing: bool = False
@@ -101,6 +102,10 @@ class GenerationRequest:
             bad("stop", "stop strings must be non-empty strings")
         if self.stop_ids is not None and any(not isinstance(t, int) or not 0 <= t < vocab_size for t in self.stop_ids):
             bad("stop_ids", f"token ids must be ints in [0, {vocab_size})")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+            bad("top_logprobs", f"expected an int in [0, 20], got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            bad("top_logprobs", "needs logprobs=True")
 
 
 @dataclass
@@ -112,6 +117,7 @@ class Delta:
     logprobs: list[float] | None = None
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, log-prob), most likely first
 
 
 @dataclass
@@ -128,6 +134,7 @@ class Result:
     # (int16/int32, CPU) of every token the model processed for this request: the prompt, then each generated
     # token that was fed back (all but the last), so n = len(prompt_ids) + len(token_ids) - 1.
     routing: list[Tensor] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -248,8 +255,14 @@ def _routing_to_host(ids, num_experts: int) -> Tensor:
     return t.to(torch.int16 if num_experts <= 2**15 else torch.int32).cpu()
 
 
-def token_logprobs(logits_BV: Tensor, tok_B: Tensor) -> Tensor:
-    return logits_BV.gather(-1, tok_B[..., None])[..., 0] - torch.logsumexp(logits_BV, -1)
+def token_logprobs(logits_BV: Tensor, tok_B: Tensor, top_n: int = 0) -> Tensor:
+    """Log-prob of each chosen token; with top_n, [B, 1 + 2 top_n]: it, the top_n log-probs, their ids (exact in
+    fp32 below 2^24), packed so one host copy carries them."""
+    lp = logits_BV.gather(-1, tok_B[..., None])[..., 0] - torch.logsumexp(logits_BV, -1)
+    if not top_n:
+        return lp
+    vals, ids = logits_BV.log_softmax(-1).topk(top_n, dim=-1)
+    return torch.cat([lp[..., None], vals, ids.to(vals.dtype)], dim=-1)
 
 
 # ---- cache views ---------------------------------------------------------------------------------------
@@ -324,6 +337,7 @@ class _Slot:
     stop_ids: frozenset
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
     text: str = ""  # decoded generated text (without stop ids)
     emitted_chars: int = 0
     finish_reason: str | None = None
@@ -408,6 +422,8 @@ class Engine:
             raise ValueError("stop: stop strings need a tokenizer")
         if req.record_routing and self.spec is not None:  # [routing record]
             raise ValueError("record_routing: not supported with speculative decoding (draft model attached)")
+        if req.top_logprobs and self.spec is not None:
+            raise ValueError("top_logprobs: not supported with speculative decoding (draft model attached)")
         handle = RequestHandle(req, on_delta)
         with self._lock:
             if not self._accepting:
@@ -646,13 +662,15 @@ class Engine:
         self.counter_B[idx] += 1
         self.seen_BV[idx, tok] = True
         want_lp = any(r.logprobs for r in reqs)
-        host = self._to_host(tok, token_logprobs(last_logits, tok) if want_lp else None)
+        top_n = max(r.top_logprobs for r in reqs)
+        host = self._to_host(tok, token_logprobs(last_logits, tok, top_n) if want_lp else None, top_n)
         for j, (slot, h) in enumerate(batch):
             r = h.request
             room = self.max_seq_len - lens[j]
             stop_ids = frozenset(r.stop_ids if r.stop_ids is not None else self.default_stop_ids)
             self.slots[slot] = _Slot(h, lens[j], min(r.max_tokens, room), room < r.max_tokens, stop_ids,
-                                     logprobs=[] if r.logprobs else None)
+                                     logprobs=[] if r.logprobs else None,
+                                     top_logprobs=[] if r.top_logprobs else None)
             self.metrics.prompt_tokens += lens[j]
         if any(r.record_routing for r in reqs):  # [routing record] the prompt tokens
             ids_LmTk = _routing_to_host(out.routing, self.cfg.num_experts) if out.router else None
@@ -660,7 +678,8 @@ class Engine:
                 if h.request.record_routing:
                     self.slots[slot].routing = [[ids_LmTk[layer, j, :lens[j]]] for layer in range(len(out.router))]
         self._accept_tokens({slot: [host[0][j]] for j, slot in enumerate(slots)},
-                            {slot: [host[1][j]] for j, slot in enumerate(slots)} if want_lp else None)
+                            {slot: [host[1][j]] for j, slot in enumerate(slots)} if want_lp else None,
+                            {slot: [host[2][j]] for j, slot in enumerate(slots)} if top_n else None)
 
     def _flags(self, n: int) -> tuple[bool, bool, bool, bool]:
         live = [s.request for s in self.slots[:n] if s is not None]
@@ -680,7 +699,7 @@ class Engine:
         return round_up(longest + extra, self._cache_len)
 
     def _decode_fn(self, caches: list[CacheView], n: int, sample: bool, filt: bool, penalty: bool, want_lp: bool,
-                   record: bool = False):
+                   record: bool = False, top_n: int = 0):
         """One token for slots [0, n): the model forward, penalties, sampling and state updates, on device.
         record: also return the expert ids of the token each slot processed ([routing record], [L, n, k])."""
         tok, pos, active = self.tok_B[:n], self.pos_B[:n], self.active_B[:n]
@@ -692,7 +711,7 @@ class Engine:
             logits = apply_repetition_penalty(logits, self.seen_BV[:n], self.pen_B[:n])
         nxt = pick_tokens(logits, self.temp_B[:n], self.topk_B[:n], self.topp_B[:n], self.seed_B[:n],
                           self.counter_B[:n], sample, filt)
-        lp = token_logprobs(raw, nxt) if want_lp else None
+        lp = token_logprobs(raw, nxt, top_n) if want_lp else None
         self.tok_B[:n] = nxt
         self.pos_B[:n] += active  # free rows stay at 0 (their writes land in an unused slot)
         self.counter_B[:n] += 1
@@ -714,10 +733,11 @@ class Engine:
         n = self.active_prefix()
         sample, filt, penalty, want_lp = self._flags(n)
         record = any(s is not None and s.routing is not None for s in self.slots[:n])  # [routing record]
+        top_n = max((s.request.top_logprobs for s in self.slots[:n] if s is not None), default=0)
         caches = self.kv.view(n, self.attn_len(n))
         decode = self._decode_compiled if self._compiled_pays(n) else self._decode_fn
         if record:
-            nxt, lp, route_LBk = decode(caches, n, sample, filt, penalty, want_lp, True)
+            nxt, lp, route_LBk = decode(caches, n, sample, filt, penalty, want_lp, True, top_n)
             if route_LBk is not None:  # the token each slot processed was accepted at the previous step
                 route_LBk = _routing_to_host(route_LBk, self.cfg.num_experts)
                 for i, s in enumerate(self.slots[:n]):
@@ -725,21 +745,25 @@ class Engine:
                         for layer, chunks in enumerate(s.routing):
                             chunks.append(route_LBk[layer, i:i + 1])
         else:
-            nxt, lp = decode(caches, n, sample, filt, penalty, want_lp)
-        tok, lps = self._to_host(nxt, lp)
-        self._accept_tokens({i: [tok[i]] for i in range(n) if self.slots[i] is not None},
-                            {i: [lps[i]] for i in range(n) if self.slots[i] is not None} if want_lp else None)
+            nxt, lp = decode(caches, n, sample, filt, penalty, want_lp, False, top_n)
+        tok, lps, tops = self._to_host(nxt, lp, top_n)
+        live = [i for i in range(n) if self.slots[i] is not None]
+        self._accept_tokens({i: [tok[i]] for i in live}, {i: [lps[i]] for i in live} if want_lp else None,
+                            {i: [tops[i]] for i in live} if top_n else None)
 
     @staticmethod
-    def _to_host(tok: Tensor, lp: Tensor | None) -> tuple[list, list | None]:
-        """The step's only device->host transfer: token ids (and log-probs, packed into one float64 copy)."""
+    def _to_host(tok: Tensor, lp: Tensor | None, top_n: int = 0) -> tuple[list, list | None, list | None]:
+        """The step's only device->host transfer: token ids (and log-probs, with the top_n alternatives as
+        [(id, log-prob)] per row, packed into one float64 copy)."""
         if lp is None:
-            return tok.tolist(), None
-        packed = torch.stack([tok.double(), lp.double()], dim=0).cpu()
-        return [int(t) for t in packed[0].tolist()], packed[1].tolist()
+            return tok.tolist(), None, None
+        rows = torch.cat([tok.double()[:, None], lp.double().reshape(len(tok), -1)], dim=1).cpu().tolist()
+        tops = [list(zip(map(int, r[2 + top_n:]), r[2:2 + top_n])) for r in rows] if top_n else None
+        return [int(r[0]) for r in rows], [r[1] for r in rows], tops
 
     # ---- host-side bookkeeping -------------------------------------------------------------------------
-    def _accept_tokens(self, new: dict[int, list[int]], new_lp: dict[int, list[float]] | None) -> None:
+    def _accept_tokens(self, new: dict[int, list[int]], new_lp: dict[int, list[float]] | None,
+                       new_top: dict[int, list] | None = None) -> None:
         """Append tokens per slot, apply stop rules, emit deltas, free finished slots."""
         for i, toks in new.items():
             s = self.slots[i]
@@ -747,12 +771,17 @@ class Engine:
                 continue
             added: list[int] = []
             added_lp: list[float] = []
+            added_top: list = []
             for j, t in enumerate(toks):
                 s.generated.append(t)
                 added.append(t)
                 if new_lp is not None and s.logprobs is not None:
                     s.logprobs.append(new_lp[i][j])
                     added_lp.append(new_lp[i][j])
+                if new_top is not None and s.top_logprobs is not None:
+                    top = new_top[i][j][:s.request.top_logprobs]  # the step computed the batch's largest n
+                    s.top_logprobs.append(top)
+                    added_top.append(top)
                 self.metrics.tokens_generated += 1
                 if t in s.stop_ids:
                     s.finish_reason, s.stop_reason = "stop", t
@@ -762,7 +791,8 @@ class Engine:
                 if len(s.generated) >= s.max_new:
                     s.finish_reason = "length"
                     break
-            self._emit_text(i, s, added, added_lp if s.logprobs is not None else None)
+            self._emit_text(i, s, added, added_lp if s.logprobs is not None else None,
+                            added_top if s.top_logprobs is not None else None)
             if s.finish_reason is not None:
                 self._finish(i)
 
@@ -785,7 +815,8 @@ class Engine:
         s.finish_reason, s.stop_reason = "stop", x
         return True
 
-    def _emit_text(self, i: int, s: _Slot, added: list[int], added_lp: list[float] | None) -> None:
+    def _emit_text(self, i: int, s: _Slot, added: list[int], added_lp: list[float] | None,
+                   added_top: list | None = None) -> None:
         text = ""
         if self.tokenizer is not None:
             if s.stop_reason is None or isinstance(s.stop_reason, int):
@@ -802,7 +833,7 @@ class Engine:
                             break
             end = max(end, s.emitted_chars)
             text, s.emitted_chars = s.text[s.emitted_chars:end], end
-        s.handle._emit(Delta(s.request.request_id, added, text, added_lp, s.finish_reason))
+        s.handle._emit(Delta(s.request.request_id, added, text, added_lp, s.finish_reason, top_logprobs=added_top))
 
     def _finish(self, i: int, error: str | None = None) -> None:
         s = self.slots[i]
@@ -821,4 +852,5 @@ class Engine:
         text = s.text if self.tokenizer is not None else None
         routing = None if s.routing is None else [torch.cat(chunks) for chunks in s.routing]  # [routing record]
         s.handle._finish(Result(s.request.request_id, list(s.request.prompt_ids), list(s.generated), text,
-                                s.finish_reason or "error", s.logprobs, s.stop_reason, error, routing))
+                                s.finish_reason or "error", s.logprobs, s.stop_reason, error, routing,
+                                s.top_logprobs))

@@ -90,12 +90,12 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=0)  # alternatives are not computed: refuse, don't drop
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[int]]
-    logprobs: Optional[int] = Field(None, ge=0, le=0)
+    logprobs: Optional[int] = Field(None, ge=0, le=5)  # legacy API: how many alternatives per token
 
 
 class APIError(Exception):
@@ -216,7 +216,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                            "model_not_found", "model")
 
     def build_request(body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None,
-                      default_max: int | None, logprobs: bool) -> GenerationRequest:
+                      default_max: int | None, logprobs: bool, top_logprobs: int = 0) -> GenerationRequest:
         if body.n != 1:
             raise APIError(400, "n: only n=1 is supported", param="n")
         for name in ("frequency_penalty", "presence_penalty"):
@@ -244,7 +244,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             top_k=max(0, top_k),
             repetition_penalty=(body.repetition_penalty if body.repetition_penalty is not None
                                 else d.get("repetition_penalty", 1.0)),
-            seed=body.seed, stop=stop, logprobs=logprobs, request_id=f"cmpl-{uuid.uuid4().hex}")
+            seed=body.seed, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+            request_id=f"cmpl-{uuid.uuid4().hex}")
 
     def submit_error(e: Exception) -> APIError:
         if isinstance(e, QueueFull):
@@ -302,14 +303,16 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def lp_content(token_ids: list[int], lps: list[float] | None) -> dict | None:
+    def lp_item(t: int, lp: float) -> dict:
+        s = tokenizer.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    def lp_content(token_ids: list[int], lps: list[float] | None, tops: list | None = None) -> dict | None:
         if lps is None:
             return None
-        items = []
-        for t, lp in zip(token_ids, lps):
-            s = tokenizer.decode([t])
-            items.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []})
-        return {"content": items}
+        tops = tops or [[]] * len(lps)
+        return {"content": [{**lp_item(t, lp), "top_logprobs": [lp_item(a, v) for a, v in top]}
+                            for t, lp, top in zip(token_ids, lps, tops)]}
 
     # ---- endpoints ----
     @app.get("/health")
@@ -344,7 +347,9 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
         prompt_ids = chat_prompt_ids(tokenizer, messages)
         user_text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        req = build_request(body, prompt_ids, max_tokens, None, body.logprobs)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        req = build_request(body, prompt_ids, max_tokens, None, body.logprobs, body.top_logprobs or 0)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             first, head = await start_stream(req)
@@ -356,10 +361,11 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             finish = deltas[-1].finish_reason if deltas else "stop"
             content = guard.ensure_guidance(user_text, text) if guard is not None else text
             lps = [x for d in deltas for x in (d.logprobs or [])] if body.logprobs else None
+            tops = [x for d in deltas for x in (d.top_logprobs or [])] if body.top_logprobs else None
             log_done("/v1/chat/completions", req, n_out, finish, t0, content)
             return {"id": cid, "object": "chat.completion", "created": created, "model": cfg.served_model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                 "logprobs": lp_content([t for d in deltas for t in d.token_ids], lps),
+                                 "logprobs": lp_content([t for d in deltas for t in d.token_ids], lps, tops),
                                  "finish_reason": finish}],
                     "usage": usage(req, n_out)}
 
@@ -383,7 +389,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                     text += d.text
                     if d.text or (body.logprobs and d.token_ids):
                         yield chunk({"content": d.text}, None,
-                                    lp_content(d.token_ids, d.logprobs) if body.logprobs else None)
+                                    lp_content(d.token_ids, d.logprobs, d.top_logprobs) if body.logprobs else None)
                     if d.finish_reason is not None:
                         finish = d.finish_reason
                         break
@@ -417,13 +423,21 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                 raise APIError(400, f"prompt: token ids must be in [0, {engine.vocab_size})", param="prompt")
         if not prompt_ids:
             raise APIError(400, "prompt: empty", param="prompt")
-        req = build_request(body, prompt_ids, body.max_tokens, 16, body.logprobs is not None)
+        req = build_request(body, prompt_ids, body.max_tokens, 16, body.logprobs is not None, body.logprobs or 0)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def choice(text: str, finish: str | None, token_ids=None, lps=None) -> dict:
+        def top_map(top: list[tuple[int, float]]) -> dict[str, float]:
+            m: dict[str, float] = {}
+            for a, v in top:  # most likely first: where two ids decode to the same text, the likelier one stays
+                m.setdefault(tokenizer.decode([a]), v)
+            return m
+
+        def choice(text: str, finish: str | None, token_ids=None, lps=None, tops=None) -> dict:
             lp = None
             if body.logprobs is not None and lps is not None:
                 lp = {"tokens": [tokenizer.decode([t]) for t in token_ids], "token_logprobs": lps}
+                if tops:
+                    lp["top_logprobs"] = [top_map(top) for top in tops]
             return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
 
         if body.stream:
@@ -436,8 +450,9 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             log_done("/v1/completions", req, n_out, finish, t0, text)
             toks = [t for d in deltas for t in d.token_ids]
             lps = [x for d in deltas for x in (d.logprobs or [])]
+            tops = [x for d in deltas for x in (d.top_logprobs or [])]
             return {"id": cid, "object": "text_completion", "created": created, "model": cfg.served_model_name,
-                    "choices": [choice(text, finish, toks, lps)], "usage": usage(req, n_out)}
+                    "choices": [choice(text, finish, toks, lps, tops)], "usage": usage(req, n_out)}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
@@ -451,7 +466,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                     if d.text or d.finish_reason:
                         yield sse({"id": cid, "object": "text_completion", "created": created,
                                    "model": cfg.served_model_name,
-                                   "choices": [choice(d.text, d.finish_reason, d.token_ids, d.logprobs)]})
+                                   "choices": [choice(d.text, d.finish_reason, d.token_ids, d.logprobs,
+                                                      d.top_logprobs)]})
                     if d.finish_reason is not None:
                         break
                     d = await gen.__anext__()
