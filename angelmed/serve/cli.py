@@ -205,8 +205,12 @@ def main(argv: list[str]) -> int:
 
     from angelmed.serve.app import ServerConfig, create_app
 
-    engine, tokenizer = build_engine(args.model_dir, args.max_batch, args.max_seq_len, args.dtype, args.device,
-                                     args.draft, args.spec_tokens, args.max_queue, args.compile, fp8=args.fp8)
+    try:
+        engine, tokenizer = build_engine(args.model_dir, args.max_batch, args.max_seq_len, args.dtype, args.device,
+                                         args.draft, args.spec_tokens, args.max_queue, args.compile, fp8=args.fp8)
+    except (FileNotFoundError, ValueError) as e:  # missing tokenizer/weights, bad config or draft: say which
+        print(f"angelmed serve: {e}", file=sys.stderr)
+        return 2
     cfg = ServerConfig(served_model_name=name, api_key=args.api_key, log_text=args.log_text,
                        safety=not args.no_safety, sampling_defaults=_sampling_defaults(args.model_dir))
     app = create_app(engine, tokenizer, cfg)
@@ -239,8 +243,12 @@ def chat(argv: list[str]) -> int:
 
     console = Console()
     console.print(Panel(MEDICAL_ADVISORY, title="angelmed", border_style="yellow"))
-    engine, tokenizer = build_engine(args.model_dir, max_batch=1, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                                     device=args.device, draft=args.draft)
+    try:
+        engine, tokenizer = build_engine(args.model_dir, max_batch=1, max_seq_len=args.max_seq_len, dtype=args.dtype,
+                                         device=args.device, draft=args.draft)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"angelmed chat: {e}", file=sys.stderr)
+        return 2
     guard = load_safety(not args.no_safety)
     defaults = _sampling_defaults(args.model_dir)
     if args.temperature is not None:
