@@ -331,3 +331,12 @@ def test_terminal_chat_streams_with_advisory(tmp_path, monkeypatch, capsys):
     assert "Medical advisory" in out and "angelmed>" in out
     shown = "".join(ch for ch in reply if ch.isprintable() and ch != "\ufffd")
     assert shown and shown in out
+
+
+def test_serve_without_tokenizer_exits_with_one_line(tmp_path, capsys):
+    from angelmed.serve.cli import main
+
+    save_model(tiny_model(), tmp_path / "m")  # weights and config, no tokenizer.json
+    assert main([str(tmp_path / "m"), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and "Traceback" not in err
