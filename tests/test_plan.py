@@ -20,6 +20,11 @@ def test_flash_100b_plan_by_hand():
     assert p["gib_sharded_state_per_gpu"] == pytest.approx(16 * n / 64 / GiB)  # fp32 param+grad+Adam m,v
     assert p["tokens_per_step"] == 64 * 4096 * 1 * 2
     assert p["flops_per_token"] == 6 * p["params_active"]
+    # activations by hand: tokens x hidden x 34 B x 32 layers at bf16; checkpointed: 2 B per layer + one layer's 34 B
+    tokens_hidden = 4096 * 1 * 4096
+    assert p["gib_activations_per_gpu"] == pytest.approx(tokens_hidden * 34 * 32 / GiB)
+    cfg.train.activation_checkpointing = True
+    assert plan(cfg, world=64)["gib_activations_per_gpu"] == pytest.approx(tokens_hidden * (2 * 32 + 34) / GiB)
 
 
 def test_dry_run_cli_fits_and_refuses(tmp_path):

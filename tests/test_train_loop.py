@@ -4,6 +4,7 @@ gradient accumulation is exact; the exported model is an HF directory; metrics f
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from angelmed.checkpoint import load_model
@@ -137,3 +138,34 @@ def test_bf16_mixed_precision_keeps_fp32_master_and_bias(tmp_path, data_dir):
     sd = exported.state_dict()
     assert sd["lm_head.weight"].dtype == torch.bfloat16
     assert all(b.dtype == torch.float32 for n, b in sd.items() if n.endswith("expert_bias"))
+
+
+def test_activation_checkpointing_recomputes_layers_and_changes_nothing_else(tmp_path, data_dir):
+    """Each layer runs twice per step (forward, then again in backward) with the same gradients and names; a CPT
+    run gives the same losses, weights and expert biases (the recompute must not count expert load twice)."""
+    from angelmed.train.dist import checkpoint_layers
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 500, (2, 12))
+    plain = Transformer(get_preset("tiny")).init_weights(1)
+    ac = checkpoint_layers(Transformer(get_preset("tiny")).init_weights(1))
+    assert list(ac.state_dict()) == list(plain.state_dict())
+    calls = []
+    ac.model.layers[1].attention.register_forward_hook(lambda *a: calls.append(1))
+    for m in (plain, ac):
+        out = m(ids, mtp=True)
+        (out.logits.logsumexp(-1).mean() + out.mtp_logits[0].logsumexp(-1).mean()).backward()
+    assert len(calls) == 2
+    grads = dict(plain.named_parameters())
+    for name, p in ac.state_dict(keep_vars=True).items():
+        if isinstance(p, torch.nn.Parameter):
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6)
+
+    runs = {}
+    for name, flag in (("plain", "false"), ("ac", "true")):
+        cpt.run(tiny_cpt(tmp_path / name, data_dir, "--train.steps", "3", "--train.eval_batches", "0",
+                         "--train.activation_checkpointing", flag, "--train.export_dtype", "float32"))
+        runs[name] = (losses(tmp_path / name), load_model(tmp_path / name / "model").state_dict())
+    assert runs["plain"][0] == pytest.approx(runs["ac"][0], abs=1e-6)
+    for k, v in runs["plain"][1].items():
+        torch.testing.assert_close(runs["ac"][1][k], v, rtol=0, atol=1e-6)

@@ -79,6 +79,7 @@ class TrainSection:
     steps: int = 100
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and optimizer state)
+    activation_checkpointing: bool = False  # keep only each layer's input; recompute the layer in backward
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default

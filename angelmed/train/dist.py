@@ -67,6 +67,18 @@ def _local_device(base: torch.device, local_rank: int) -> torch.device:
     return base
 
 
+def checkpoint_layers(model: nn.Module) -> nn.Module:
+    """Activation checkpointing per decoder/MTP layer (before FSDP2 wraps them): backward recomputes each layer
+    from its saved input, so activations cost one layer's worth plus the layer inputs. The wrapper keeps the
+    official parameter names in state dicts."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i in range(len(layers)):
+        layers[i] = checkpoint_wrapper(layers[i])
+    return model
+
+
 def shard_model(model: nn.Module, precision: str) -> nn.Module:
     """FSDP2: one unit per decoder/MTP layer plus the root. bf16: bf16 compute, fp32 sharded master weights,
     fp32 gradient reduction. Buffers (expert_bias fp32, inv_freq) are not sharded and not cast."""

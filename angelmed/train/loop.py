@@ -103,6 +103,8 @@ class Trainer:
         self.prepare_model(model)
         self.mcfg: ModelConfig = model.config
         self.fsdp = info.world_size > 1 or t.precision == "bf16"
+        if t.activation_checkpointing:
+            tdist.checkpoint_layers(model)
         if self.fsdp:
             tdist.shard_model(model, t.precision)
         self.model = model

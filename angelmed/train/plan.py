@@ -6,6 +6,8 @@ tokens per step, and the per-GPU memory arithmetic of FSDP2 with fp32 master wei
     sharded state  = params (4 B) + grads (4 B) + AdamW m, v (8 B)   = 16 B/param / world
     gathered layer = the largest layer's params in the compute dtype  (all-gathered for its forward/backward)
     activations    ~ 34 B x tokens per GPU x hidden x layers at 16-bit (Megatron's estimate; no recomputation)
+                     with train.activation_checkpointing: 2 B x tokens x hidden per layer (its saved input)
+                     plus one layer's 34 B (the layer being recomputed)
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ def plan(cfg, world: int, activation_factor: float = 34.0) -> dict:
     sharded = 16 * n_params / world
     gathered = max(largest_layer, embed) * compute_bytes * 2  # the layer in flight and the next one prefetched
     # activations kept for backward: Megatron's ~34 bytes per token per hidden unit per layer at 16-bit
-    activations = per_gpu_tokens * mcfg.hidden_size * activation_factor * compute_bytes / 2 * (
-        mcfg.num_hidden_layers + mcfg.num_nextn_predict_layers)
+    n_layers = mcfg.num_hidden_layers + mcfg.num_nextn_predict_layers
+    per_layer = per_gpu_tokens * mcfg.hidden_size * compute_bytes / 2  # bytes per "B per hidden unit"
+    if cfg.train.activation_checkpointing:
+        activations = per_layer * (2 * n_layers + activation_factor)
+    else:
+        activations = per_layer * activation_factor * n_layers
     logits = per_gpu_tokens * mcfg.vocab_size * 4 * 2  # fp32 logits and their gradient
     counts = mcfg.param_counts()
     return {
@@ -65,7 +71,8 @@ def main(stage: str, argv: list[str]) -> int:
           f"{p['gib_gathered_params']:.1f} | activations {p['gib_activations_per_gpu']:.1f} | logits "
           f"{p['gib_logits_per_gpu']:.1f} | total {p['gib_total_per_gpu']:.1f} of {known.gpu_gib:.0f}")
     if p["gib_total_per_gpu"] > known.gpu_gib:
-        print("  DOES NOT FIT: add GPUs, lower data.micro_batch_size / seq_len, or use activation checkpointing")
+        hint = "" if cfg.train.activation_checkpointing else ", or set train.activation_checkpointing: true"
+        print(f"  DOES NOT FIT: add GPUs or lower data.micro_batch_size / seq_len{hint}")
         return 1
     print("  fits")
     return 0
