@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from angelmed.checkpoint import load_model
@@ -17,7 +18,9 @@ from train_helpers import losses, metrics, tiny_cpt
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_ranks_match_one_process(tmp_path, data_dir):
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_two_ranks_match_one_process(tmp_path, data_dir, checkpointing):
+    """Also with activation checkpointing on the FSDP2 side only (wrapped before sharding)."""
     common = ["--train.steps", "4", "--optim.lr", "3e-3", "--train.eval_every", "2", "--train.grad_accum", "2"]
     single = tmp_path / "single"
     cpt.run(tiny_cpt(single, data_dir, *common, "--data.micro_batch_size", "4"))
@@ -27,7 +30,8 @@ def test_two_ranks_match_one_process(tmp_path, data_dir):
     script.write_text(textwrap.dedent(f"""
         from angelmed.train import cpt
         from train_helpers import tiny_cpt
-        cpt.run(tiny_cpt({str(multi)!r}, {str(data_dir)!r}, *{common!r}, "--data.micro_batch_size", "2"))
+        cpt.run(tiny_cpt({str(multi)!r}, {str(data_dir)!r}, *{common!r}, "--data.micro_batch_size", "2",
+                         "--train.activation_checkpointing", {checkpointing!r}))
     """))
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
