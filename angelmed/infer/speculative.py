@@ -17,8 +17,9 @@ the same vocabulary. `Eagle3Drafter` runs a separately trained EAGLE-3-style dra
 the outputs of three target layers, which the target's own prefill and verify forwards return (a drafter asks for
 them with a `feature_layers` attribute and turns them into its hidden input with `fuse`).
 
-With `Engine(compile=True)` the drafter's proposal and the verify-and-accept step each run as one compiled graph
-(no host sync inside either), chosen per round like the engine's decode step (`Engine._compiled_pays`).
+With `Engine(compile=True)` a whole round (drafts, verify forward, acceptance, state updates) runs as one compiled
+graph with no host sync inside, chosen per round like the engine's decode step (`Engine._compiled_pays`); past
+that, a dense drafter's proposal is still compiled.
 Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
 """
 
@@ -359,10 +360,11 @@ class SpecState:
         L = engine.cfg.num_hidden_layers
         if not all(0 <= i < L for i in self.feature_layers):
             raise ValueError(f"draft feature layers {list(self.feature_layers)} must lie in [0, {L})")
-        self._propose_compiled = self._verify_compiled = None
+        self._round_compiled = self._propose_compiled = None
         if engine.compile:
-            self._propose_compiled = torch.compile(engine.draft.propose, dynamic=None)
-            self._verify_compiled = torch.compile(self._verify, dynamic=None)
+            self._round_compiled = torch.compile(self._draft_and_verify, dynamic=None)
+            if not getattr(engine.draft, "moe", True):  # a dense drafter's proposal pays compiled at any batch
+                self._propose_compiled = torch.compile(engine.draft.propose, dynamic=None)
 
     def features(self, out) -> Tensor:
         """What the drafter takes per target position: fused chosen layers, or the final hidden state."""
@@ -393,12 +395,12 @@ class SpecState:
         caches = e.kv.view(n, S)
         if isinstance(e.draft, HiddenStateDrafter):  # its cache views are made here, outside compiled graphs
             e.draft.kv.view(n, S)
-        pays = e._compiled_pays(n, k + 1)
-        draft_pays = pays or not getattr(e.draft, "moe", True)  # a dense drafter compiles at any batch
-        propose = self._propose_compiled if self._propose_compiled and draft_pays else e.draft.propose
-        drafts, q = propose(st, k)
-        verify = self._verify_compiled if self._verify_compiled and pays else self._verify
-        host = verify(caches, n, drafts, q, sample, filt, penalty, want_lp).cpu()  # the round's one host copy
+        if self._round_compiled is not None and e._compiled_pays(n, k + 1):  # drafts and verify: one graph
+            host = self._round_compiled(st, caches, sample, filt, penalty, want_lp)
+        else:
+            drafts, q = (self._propose_compiled or e.draft.propose)(st, k)
+            host = self._verify(caches, n, drafts, q, sample, filt, penalty, want_lp)
+        host = host.cpu()  # the round's one host copy
         tok_h = host[:, :k + 1].long().tolist()
         a_h = host[:, k + 1].long().tolist()
         lp_h = host[:, k + 2:].tolist() if want_lp else None
@@ -417,6 +419,11 @@ class SpecState:
         e.metrics.spec_drafted = self.stats.drafted
         e.metrics.spec_accepted = self.stats.accepted
         e._accept_tokens(new, new_lp)
+
+    def _draft_and_verify(self, st: ContextState, caches, sample: bool, filt: bool, penalty: bool,
+                          want_lp: bool) -> Tensor:
+        drafts, q = self.e.draft.propose(st, self.k)
+        return self._verify(caches, st.n, drafts, q, sample, filt, penalty, want_lp)
 
     def _verify(self, caches, n: int, drafts: Tensor, q: Tensor | None, sample: bool, filt: bool, penalty: bool,
                 want_lp: bool) -> Tensor:
