@@ -317,7 +317,7 @@ def round_up(n: int, limit: int, quantum: int = 64) -> int:
 def _decompose_cpu_gemv() -> None:
     """Let inductor turn one-row matmuls (batch-1 decode) on CPU into fused multiply-reduce kernels, lifting its
     2048 size cap so every projection and the lm_head qualify: in bf16 that streams weights at 2.2x the rate of the
-    library GEMV (measured: base-100m batch-1 decode 165 -> 238 tok/s); fp32 is unchanged."""
+    library GEMV (base-100m bf16 batch-1 decode 165 -> 205 tok/s in bench_decode.py); fp32 is unchanged."""
     import torch._inductor.config
 
     opts = torch._inductor.config.post_grad_fusion_options
@@ -400,7 +400,7 @@ class Engine:
         self._experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
         self._decode_compiled = None
         if compile:
-            # one graph per (rows, cache length) bucket and sampling flags: allow them all
+            # one graph per combination of sampling flags (rows and cache length go dynamic): allow them all
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             if self.device.type == "cpu":
                 _decompose_cpu_gemv()
