@@ -12,7 +12,7 @@ Throughput: held-out chat prompts (never seen by the target or the draft), greed
 reply with the tokenizer's stop ids; 2 x concurrency requests per measurement (the queue keeps every slot busy),
 best of `--repeats` alternating runs. Greedy outputs with the draft are asserted identical to those without it.
 
-    python benchmarks/bench_draft.py [--target DIR] [--draft DIR] [--k 3] [--threads 1]
+    python benchmarks/bench_draft.py [--target DIR] [--draft DIR] [--k 3] [--threads 1] [--compile]
 
 Last line: one JSON object.
 """
@@ -97,11 +97,22 @@ def build_draft(work: Path, target: Path, args) -> Path:
     return out / "best"
 
 
-def measure(model, prompts, new_tokens: int, stop_ids, conc: int, drafter=None, k: int = 3):
-    from angelmed.infer.engine import Engine, GenerationRequest
+def make_engine(model, max_len: int, stop_ids, conc: int, drafter=None, k: int = 3, compile: bool = False):
+    from angelmed.infer.engine import Engine
 
-    eng = Engine(model, max_batch=conc, max_seq_len=max(map(len, prompts)) + new_tokens + 1, stop_ids=stop_ids,
-                 draft=drafter, spec_tokens=k)
+    eng = Engine(model, max_batch=conc, max_seq_len=max_len, stop_ids=stop_ids, draft=drafter, spec_tokens=k,
+                 compile=compile)
+    if compile:
+        eng.warm_up()
+    return eng
+
+
+def measure(eng, prompts, new_tokens: int):
+    from angelmed.infer.engine import GenerationRequest
+    from angelmed.infer.speculative import SpecStats
+
+    if eng.spec is not None:
+        eng.spec.stats = SpecStats(accepted_hist=[0] * (eng.spec.k + 1))
     t = time.perf_counter()
     res = eng.generate([GenerationRequest(p, max_tokens=new_tokens) for p in prompts])
     dt = time.perf_counter() - t
@@ -123,6 +134,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="Engine(compile=True) for both sides")
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
                     help="shared data root (MedQuAD); without it only the built-in ontology chats are used")
     args = ap.parse_args()
@@ -152,19 +164,22 @@ def main() -> None:
     out = {"target": str(target_dir), "target_source": "given" if args.target else
            f"stand-in: small preset, SFT {args.target_steps} steps on {'+'.join(x['spec'] for x in SOURCES)} chats",
            "draft": str(draft_dir), "k": args.k, "new_tokens": args.new_tokens, "threads": args.threads,
+           "compile": args.compile,
            "device": "cpu", "results": {}}
     print(f"target {target_dir} ({model.config.param_counts()['total']:,} params), draft {draft_dir}, k={args.k}, "
           f"{args.threads} thread(s)")
+    max_len = max(map(len, pool)) + args.new_tokens + 1
     with torch.no_grad():
-        measure(model, pool[:2], 8, tok.stop_ids, 2)  # warm-up
-        measure(model, pool[:2], 8, tok.stop_ids, 2, Eagle3Drafter(model, draft), args.k)
         for c in concs:
             prompts = (pool * 2)[:max(2 * c, 8)]
+            plain_eng = make_engine(model, max_len, tok.stop_ids, c, compile=args.compile)
+            spec_eng = make_engine(model, max_len, tok.stop_ids, c, Eagle3Drafter(model, draft), args.k, args.compile)
+            for eng in (plain_eng, spec_eng):  # warm-up (and, compiled, the graphs for these shapes)
+                measure(eng, prompts[:c], 8)
             best_plain, best_spec, stats = 0.0, 0.0, None
             for _ in range(args.repeats):  # alternate, keep the best of each (other processes share the CPU)
-                plain_tok, tps, _ = measure(model, prompts, args.new_tokens, tok.stop_ids, c)
-                spec_tok, sps, st = measure(model, prompts, args.new_tokens, tok.stop_ids, c,
-                                            Eagle3Drafter(model, draft), args.k)
+                plain_tok, tps, _ = measure(plain_eng, prompts, args.new_tokens)
+                spec_tok, sps, st = measure(spec_eng, prompts, args.new_tokens)
                 assert spec_tok == plain_tok, f"concurrency {c}: greedy output with the draft differs"
                 best_plain = max(best_plain, tps)
                 if sps > best_spec:
