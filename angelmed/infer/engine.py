@@ -456,14 +456,16 @@ class Engine:
             self.step()
         return [h.result() for h in handles]
 
-    def warm_up(self) -> float:
+    def warm_up(self, **sampling) -> float:
         """Compile before traffic arrives (compile=True): one row, then two, each crossing a cache-length step,
         so the first compile and the recompile that makes batch and length dynamic happen here, not inside a
-        user's request. Returns the seconds it took."""
+        user's request. `sampling`: GenerationRequest settings to compile for (default greedy; each combination
+        of greedy / sampling / top-k-top-p / penalty is its own graph). Returns the seconds it took."""
         t = time.perf_counter()
         n = max(1, min(60, self.max_seq_len - 12))
         for rows in (1, 2)[:self.max_batch]:
-            self.generate([GenerationRequest([0] * n, max_tokens=8, stop_ids=[]) for _ in range(rows)])
+            self.generate([GenerationRequest([0] * n, max_tokens=8, stop_ids=[], seed=0, **sampling)
+                           for _ in range(rows)])
         return time.perf_counter() - t
 
     def stream_sync(self, req: GenerationRequest) -> Iterator[Delta]:

@@ -172,9 +172,9 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                     stop_ids=_stop_ids(model_dir, tokenizer), max_queue=max_queue, compile=compile,
                     draft=drafter, spec_tokens=spec_tokens)
-    if compile:
+    if compile:  # greedy and the checkpoint's default sampling: what most requests use
         log.info("compiling the decode step (first requests would otherwise wait for it)")
-        log.info("compiled in %.0f s", engine.warm_up())
+        log.info("compiled in %.0f s", engine.warm_up() + engine.warm_up(**_sampling_defaults(model_dir)))
     return engine, tokenizer
 
 
@@ -232,6 +232,7 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--draft", default=None, help="'mtp' or a draft checkpoint dir (speculative decoding)")
     p.add_argument("--no-safety", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles before the prompt)")
     args = p.parse_args(argv)
 
     from rich.console import Console
@@ -245,7 +246,7 @@ def chat(argv: list[str]) -> int:
     console.print(Panel(MEDICAL_ADVISORY, title="angelmed", border_style="yellow"))
     try:
         engine, tokenizer = build_engine(args.model_dir, max_batch=1, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                                         device=args.device, draft=args.draft)
+                                         device=args.device, draft=args.draft, compile=args.compile)
     except (FileNotFoundError, ValueError) as e:
         print(f"angelmed chat: {e}", file=sys.stderr)
         return 2
