@@ -7,8 +7,8 @@ bandwidth ceiling (bytes that one decode step must read / bandwidth).
 
     python benchmarks/bench_decode.py [--presets small base-100m] [--batches 1 16] [--new-tokens 32]
 
-The engine runs eager and with `compile=True` (the decode step as one inductor graph while the step's
-(token, expert) pairs are at most the experts; eager past that). At batch 1 the weights stream from memory once
+The engine runs eager and with `compile=True` (the decode step as one inductor graph; in fp32 only while the
+step's (token, expert) pairs are at most the experts, eager past that). At batch 1 the weights stream from memory once
 per token, so no engine can beat the bandwidth ceiling: a speed-up over transformers is bounded by
 ceiling / transformers' tok/s, which this script prints.
 
