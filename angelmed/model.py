@@ -208,9 +208,9 @@ class Experts(nn.Module):
         # than a host sync (measured), so eager CPU takes the grouped path.
         if self.gather_pays(T * k) and (x_TD.is_cuda or torch.compiler.is_compiling()):
             return self._gathered(x_TD, idx_Tk, w_Tk)
-        in_graph = x_TD.is_cuda or (x_TD.dtype == torch.bfloat16 and _use_grouped_mm(x_TD, self.gate_proj.shape[1]))
-        if torch.compiler.is_compiling() and not in_graph:
-            return self._grouped_eager(x_TD, idx_Tk, w_Tk)  # inductor's CPU grouped GEMM is bf16-only
+        if torch.compiler.is_compiling() and not (  # inductor's CPU grouped GEMM is bf16-only: else an eager island
+                x_TD.is_cuda or x_TD.dtype == torch.bfloat16 and _use_grouped_mm(x_TD, self.gate_proj.shape[1])):
+            return self._grouped_eager(x_TD, idx_Tk, w_Tk)
         return self._grouped(x_TD, idx_Tk, w_Tk)
 
     def gather_pays(self, pairs: int) -> bool:

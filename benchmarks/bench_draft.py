@@ -109,10 +109,8 @@ def make_engine(model, max_len: int, stop_ids, conc: int, drafter=None, k: int =
 
 def measure(eng, prompts, new_tokens: int):
     from angelmed.infer.engine import GenerationRequest
-    from angelmed.infer.speculative import SpecStats
-
     if eng.spec is not None:
-        eng.spec.stats = SpecStats(accepted_hist=[0] * (eng.spec.k + 1))
+        eng.spec.reset_stats()
     t = time.perf_counter()
     res = eng.generate([GenerationRequest(p, max_tokens=new_tokens) for p in prompts])
     dt = time.perf_counter() - t

@@ -36,7 +36,7 @@ def run(model, prompts, new_tokens: int, draft=None, k: int = 3, temperature: fl
                                       seed=i) for i, p in enumerate(prompts)]
     eng.generate(reqs())  # warm-up
     if eng.spec is not None:
-        eng.spec.stats.__init__(accepted_hist=[0] * (k + 1))
+        eng.spec.reset_stats()
     t = time.perf_counter()
     res = eng.generate(reqs())
     dt = time.perf_counter() - t

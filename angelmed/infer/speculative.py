@@ -354,7 +354,7 @@ class SpecState:
         self.ids_BL = torch.zeros(B, K, dtype=torch.long, device=dev)
         self.hidden_BLD = torch.zeros(B, K, D, dtype=engine.dtype, device=dev)
         self.len_B = torch.ones(B, dtype=torch.long, device=dev)
-        self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
+        self.reset_stats()
         # EAGLE-3 drafters read intermediate target layers; the others the final hidden state
         self.feature_layers = tuple(getattr(engine.draft, "feature_layers", None) or ())
         L = engine.cfg.num_hidden_layers
@@ -365,6 +365,9 @@ class SpecState:
             self._round_compiled = torch.compile(self._draft_and_verify, dynamic=None)
             if not getattr(engine.draft, "moe", True):  # a dense drafter's proposal pays compiled at any batch
                 self._propose_compiled = torch.compile(engine.draft.propose, dynamic=None)
+
+    def reset_stats(self) -> None:
+        self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
 
     def features(self, out) -> Tensor:
         """What the drafter takes per target position: fused chosen layers, or the final hidden state."""
@@ -393,7 +396,7 @@ class SpecState:
             counter_B=e.counter_B[:n], sample=sample, filt=filt,
             seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
         caches = e.kv.view(n, S)
-        if isinstance(e.draft, HiddenStateDrafter):  # its cache views are made here, outside compiled graphs
+        if isinstance(e.draft, HiddenStateDrafter):  # views made outside compiled graphs (inside: 2x the graphs)
             e.draft.kv.view(n, S)
         if self._round_compiled is not None and e._compiled_pays(n, k + 1):  # drafts and verify: one graph
             host = self._round_compiled(st, caches, sample, filt, penalty, want_lp)
