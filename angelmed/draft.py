@@ -139,8 +139,8 @@ class DraftModel(nn.Module):
         return w if self.vocab_map is None else w[self.vocab_map]
 
     # ---- persistence: an HF-style directory with its own config ------------------------------------------
-    def save(self, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
-        """Atomic directory write: config.json, model.safetensors (+ extra text files, e.g. training state)."""
+    def save(self, path: str | Path, extra_files: dict[str, str | bytes] | None = None) -> None:
+        """Atomic directory write: config.json, model.safetensors (+ extra files, e.g. training state)."""
         from safetensors.torch import save_file
 
         from angelmed.checkpoint import atomic_dir
@@ -152,8 +152,8 @@ class DraftModel(nn.Module):
             (tmp / "config.json").write_text(json.dumps(d, indent=2) + "\n")
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                       str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
 
     @classmethod
     def load(cls, path: str | Path, dtype=torch.float32, device="cpu") -> "DraftModel":

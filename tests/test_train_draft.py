@@ -62,3 +62,53 @@ def test_choose_vocab_takes_the_most_frequent_predicted_tokens():
     ids, coverage = choose_vocab(batches, 2, 3, 16, always=[15])
     assert ids == [5, 7, 15]  # 5 (x4), 7 (x3), forced stop id 15; 3 and 9 (x1 each) left out
     assert coverage == pytest.approx(7 / 9)
+
+
+def _draft_args(target_dir, out, steps=6):
+    return ["draft", "--target", str(target_dir), "--train.steps", str(steps), "--train.eval_every", "3",
+            "--train.eval_prompts", "2", "--train.eval_max_tokens", "6", "--train.lr", "5e-3",
+            "--train.warmup_steps", "2", "--train.log_every", "1", "--train.threads", "1",
+            "--train.out_dir", str(out), "--data.seq_len", "160", "--data.micro_batch_size", "2",
+            "--data.sources", "[{spec: icd10cm}]", "--draft.draft_vocab_size", "200",
+            "--draft.vocab_sample_batches", "2", "--distill.regenerate", "16", "--distill.max_new_tokens", "12"]
+
+
+def test_train_draft_resumes_exactly_after_a_crash(target_dir, tmp_path, monkeypatch):
+    """A run killed after its step-3 save (in step 5) and started again ends with the uninterrupted run's weights and losses."""
+    import angelmed.draft as draft_mod
+
+    assert train_main(_draft_args(target_dir, tmp_path / "a")) == 0
+
+    real, calls = draft_mod.draft_loss_from_features, []
+
+    def crash_at_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(draft_mod, "draft_loss_from_features", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(_draft_args(target_dir, tmp_path / "b"))
+    monkeypatch.setattr(draft_mod, "draft_loss_from_features", real)
+    regen = (tmp_path / "b" / "regenerated.json").stat().st_mtime_ns
+    assert train_main(_draft_args(target_dir, tmp_path / "b")) == 0
+    assert (tmp_path / "b" / "regenerated.json").stat().st_mtime_ns == regen  # read back, not regenerated
+
+    a, b = DraftModel.load(tmp_path / "a" / "last"), DraftModel.load(tmp_path / "b" / "last")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+    def records(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    ra, rb = records("a"), records("b")
+    assert [r["step"] for r in rb] == [r["step"] for r in ra]  # nothing duplicated from the killed run
+    assert [r.get("loss") for r in rb] == [r.get("loss") for r in ra]
+    sa, sb = (json.loads((tmp_path / r / "summary.json").read_text()) for r in "ab")
+    assert sb["best"] == sa["best"] and sb["initial"] == sa["initial"]
+
+
+def test_train_draft_resume_errors(target_dir, tmp_path, capsys):
+    assert train_main(["draft", "--target", str(target_dir), "--train.resume", str(tmp_path)]) == 2
+    assert "train.resume" in capsys.readouterr().err

@@ -8,11 +8,16 @@ is trained on unrolled multi-step rollouts with the training-time-test attention
 draft runs real speculative decoding on held-out prompts (greedy, through the serving engine) and the mean
 acceptance length is logged; `out_dir/best` (highest acceptance length) and `out_dir/last` are draft directories
 written atomically, servable with `angelmed serve MODEL_DIR --draft OUT_DIR/best`.
+
+`out_dir/last` also holds the training state (optimizer, data position, RNG, best record), and the regenerated
+replies are kept in `out_dir/regenerated.json`: a run started again with the same `out_dir` continues from the last
+evaluation (`train.resume: auto`) and trains exactly as if it had not stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -28,6 +33,7 @@ import yaml
 from angelmed.train.config import DataSection, RunConfigError, resolve_config
 
 log = logging.getLogger("angelmed.train.draft")
+TRAIN_STATE = "trainer_state.pt"  # in out_dir/last: optimizer, data position, RNG, step, best and first records
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
@@ -65,6 +71,7 @@ class DraftTrainSection:
     eval_max_tokens: int = 64
     eval_spec_tokens: int = 3
     out_dir: str = "runs/draft"
+    resume: str = "auto"  # auto: continue from out_dir/last when it holds training state | never | a draft dir
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # target and draft compute dtype: float32 | bfloat16
     threads: int = 0
@@ -121,6 +128,9 @@ def validate(cfg: DraftRunConfig) -> None:
                                      f"{d.heldout_fraction}")
     need(cfg.draft.draft_vocab_size >= 0, f"draft.draft_vocab_size must be >= 0, got {cfg.draft.draft_vocab_size}")
     need(cfg.distill.regenerate >= 0, f"distill.regenerate must be >= 0, got {cfg.distill.regenerate}")
+    need(t.resume in ("auto", "never") or (Path(t.resume) / TRAIN_STATE).is_file(),
+         f"train.resume: expected auto, never or a draft directory holding {TRAIN_STATE} (OUT_DIR/last of a draft "
+         f"run), got {t.resume!r}")
     need(len(cfg.draft.feature_layers) in (0, 3), f"draft.feature_layers: expected 3 layer ids or [], got "
                                                   f"{cfg.draft.feature_layers}")
 
@@ -258,9 +268,55 @@ def _lr(step: int, t: DraftTrainSection) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def resume_dir(resume: str, out_dir: Path) -> Path | None:
+    """The draft directory to continue from, or None for a fresh run."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Path(resume)
+    # a crash between the two renames of an atomic save leaves the previous `last` beside it
+    for d in [out_dir / "last", *sorted(out_dir.glob(".last.old-*"))]:
+        if (d / TRAIN_STATE).is_file():
+            return d
+    return None
+
+
+def _to_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _metrics_upto(path: Path, step: int) -> list[dict]:
+    """Records of metrics.jsonl up to `step`, rewriting the file without later ones (written after the state)."""
+    from angelmed.checkpoint import atomic_write_text
+
+    if not path.is_file():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def _regenerated(target, tok, cfg: DraftRunConfig, out_dir: Path, resuming: bool):
+    """The self-distillation pool: read back when resuming (same config), else generated and saved."""
+    from angelmed.checkpoint import atomic_write_text
+
+    path = out_dir / "regenerated.json"
+    if resuming and path.is_file():
+        pool = [(ids, mask) for ids, mask in json.loads(path.read_text())]
+        log.info("resume: %d regenerated replies read from %s", len(pool), path)
+        return pool
+    pool = regenerate(target, tok, cfg)
+    atomic_write_text(path, json.dumps(pool))
+    return pool
+
+
 def run(cfg: DraftRunConfig) -> dict[str, Any]:
     from angelmed.checkpoint import atomic_write_text, load_model
     from angelmed.draft import DraftConfig, DraftModel, draft_loss_from_features, target_features
+    from angelmed.train.checkpointing import rng_state, set_rng_state
 
     t = cfg.train
     if t.threads:
@@ -279,15 +335,19 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
     tok = load_target_tokenizer(cfg.data.tokenizer, cfg.target, tcfg.vocab_size)
     stop_ids = list(tok.stop_ids)
 
-    if cfg.draft.init_from:
+    resume_from = resume_dir(t.resume, out_dir)
+    if resume_from is not None:
+        draft = DraftModel.load(resume_from, dtype=torch.float32, device=device)
+        draft.draft_config.check_target(tcfg, f"train.resume {resume_from}")
+    elif cfg.draft.init_from:
         draft = DraftModel.load(cfg.draft.init_from, dtype=torch.float32, device=device)
         draft.draft_config.check_target(tcfg, f"draft.init_from {cfg.draft.init_from}")
     else:
         dc = DraftConfig.for_target(tcfg, tuple(cfg.draft.feature_layers) or None,
                                     cfg.draft.intermediate_size or None, cfg.draft.draft_vocab_size or None)
         draft = DraftModel(dc).init_weights(cfg.draft.init_seed).to(device)
-    pool = regenerate(target, tok, cfg) if cfg.distill.regenerate else None
-    if draft.vocab_map is not None and not cfg.draft.init_from:
+    pool = _regenerated(target, tok, cfg, out_dir, resume_from is not None) if cfg.distill.regenerate else None
+    if draft.vocab_map is not None and not cfg.draft.init_from and resume_from is None:
         ids, coverage = choose_vocab(train_batches(cfg, tok, pool), cfg.draft.vocab_sample_batches,
                                      draft.vocab_map.numel(), tcfg.vocab_size, stop_ids)
         draft.set_vocab(ids)
@@ -301,6 +361,19 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
     metrics_path = out_dir / "metrics.jsonl"
     history: list[dict] = []
     best = {"mean_accept_length": -1.0}
+    first: dict = {}
+    start = 0
+    if resume_from is not None:
+        state = torch.load(resume_from / TRAIN_STATE, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        start, first, best = state["step"], state["first"], state["best"]
+        history = _metrics_upto(metrics_path, start)
+        log.info("resumed from %s (step %d, best acceptance length %.3f)", resume_from, start,
+                 best["mean_accept_length"])
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a fresh run: no records of an earlier one
 
     def log_metrics(rec: dict) -> None:
         history.append(rec)
@@ -314,18 +387,25 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
         log.info("step %d: held-out acceptance length %.3f (k=%d, rate %.3f, hist %s)", step,
                  st["mean_accept_length"], t.eval_spec_tokens, st["acceptance_rate"], st["accepted_hist"])
         log_metrics(rec)
-        state = json.dumps({"step": step, "eval": rec, "target": str(Path(cfg.target).resolve())}, indent=2) + "\n"
-        draft.save(out_dir / "last", {"draft_train_state.json": state})
-        if st["mean_accept_length"] > best["mean_accept_length"]:
+        if not first:
+            first.update(rec)
+        info = json.dumps({"step": step, "eval": rec, "target": str(Path(cfg.target).resolve())}, indent=2) + "\n"
+        is_best = st["mean_accept_length"] > best["mean_accept_length"]
+        if is_best:
             best.update(rec)
-            draft.save(out_dir / "best", {"draft_train_state.json": state})
+        train_state = {"step": step, "optimizer": opt.state_dict(), "data": batches.state_dict(), "rng": rng_state(),
+                       "first": first, "best": best}
+        draft.save(out_dir / "last", {"draft_train_state.json": info, TRAIN_STATE: _to_bytes(train_state)})
+        if is_best:
+            draft.save(out_dir / "best", {"draft_train_state.json": info})
         return rec
 
-    first = evaluate(0)
+    if resume_from is None:
+        evaluate(0)
     draft.train()
     t0 = time.perf_counter()
     tokens = 0
-    for step in range(1, t.steps + 1):
+    for step in range(start + 1, t.steps + 1):
         b = {k: v.to(device) for k, v in next(batches).items()}
         for g in opt.param_groups:
             g["lr"] = _lr(step - 1, t)
