@@ -62,3 +62,50 @@ def test_two_ranks_match_one_process(tmp_path, data_dir, checkpointing):
             diff = (ws[k] - wm[k]).abs()
             assert (diff > 1e-5).float().mean() < 1e-3, k
             assert diff.max() < 4 * 3e-3, k
+
+
+def test_grpo_two_ranks_match_one_process(tmp_path):
+    """Data-parallel rollouts + FSDP2 update: the same rollouts, rewards, held-out reward, losses and weights as one
+    process. 3 micro-batches over 2 ranks, so rank 1 runs a zero-weight padding pass; dynamic sampling drops the
+    odd prompts' groups (constant reward) and refills from a second generation batch."""
+    from test_grpo import write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    setup = f"""
+        from pathlib import Path
+        from test_grpo import low_id_share, tiny_cfg
+        from angelmed.train.grpo import run
+        def half_constant(prompts, completions, completion_ids, k, **columns):
+            return [0.5 if kk % 2 else r for kk, r in zip(k, low_id_share(prompts, completions, completion_ids))]
+        def go(run_dir):
+            cfg = tiny_cfg(Path(run_dir), prompts=Path({str(prompts)!r}), dynamic_sampling=True, max_gen_batches=2,
+                           eval_size=6)
+            cfg.data.micro_batch_size, cfg.train.steps, cfg.train.eval_every = 12, 3, 3
+            run(cfg, rewards=[half_constant])
+    """
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    ns: dict = {}
+    exec(textwrap.dedent(setup), ns)
+    ns["go"](single)
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(setup) + f"\ngo({str(multi)!r})\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--standalone", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    ms, mm = metrics(single / "run"), metrics(multi / "run")
+    assert [r["step"] for r in ms] == [r["step"] for r in mm] and len(ms) >= 3
+    assert ms[0]["heldout_reward"] is not None and any(r.get("gen_batches") == 2 for r in ms)
+    for a, b in zip(ms, mm):
+        for key in ("reward_mean", "completions", "groups_kept", "gen_batches", "active_tokens", "tokens",
+                    "heldout_reward"):
+            assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
+        for key in ("loss", "grad_norm", "entropy", "ratio_mean", "routing_disagree"):
+            if a.get(key) is not None:
+                assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    ws = load_model(latest_checkpoint(single / "run") / "model").state_dict()  # fp32 (the export is bf16)
+    wm = load_model(latest_checkpoint(multi / "run") / "model").state_dict()
+    for k in ws:
+        diff = (ws[k] - wm[k]).abs()
+        assert (diff > 1e-5).float().mean() < 1e-3 and diff.max() < 4 * 3e-3, k  # Adam bound, as above

@@ -21,11 +21,21 @@ optimizer step after the last micro-batch, so a separate no-grad pass would comp
 Routing disagreement (logged each step): on the first training forward, per MoE layer and token, would the live
 router (on that forward's own layer input) select a different expert set than the rollout recorded? Reported
 per (token, layer) decision and per token (any layer). Expert-bias updates are frozen by default; router aux
-losses and the MTP loss are always off here. Single process only (see `_setup`).
+losses and the MTP loss are always off here.
+
+Several ranks (torchrun): training is FSDP2-sharded as in the other stages; rollouts are data-parallel. Each rank
+generates and scores the prompts i = rank (mod world) of every generation batch on its own full-weight rollout copy
+(gathered from the shards before each rollout, so the model must fit one device in the rollout dtype), then all
+ranks gather the whole batch: dynamic sampling, advantages and logged statistics are computed on the global batch,
+identically everywhere. The update's micro-batches are dealt out round-robin; every rank runs the same number of
+forward/backward passes (a rank with fewer adds zero-weight passes, as FSDP's collectives need), and each
+back-propagates `world x` its micro-batches' share of the single-process loss, so FSDP's gradient mean equals the
+one-process gradient over the same micro-batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -39,6 +49,7 @@ from torch import Tensor, nn
 from angelmed.checkpoint import _dtype
 from angelmed.infer.engine import Engine
 from angelmed.model import Transformer
+from angelmed.train import dist as tdist
 from angelmed.train.balance import ExpertBalancer, load_stats
 from angelmed.train.data import load_tokenizer
 from angelmed.train.grpo_config import GRPORunConfig, load_grpo_config
@@ -102,9 +113,6 @@ class GRPOTrainer(Trainer):
 
     def _setup(self) -> None:
         super()._setup()
-        if self.info.world_size > 1:
-            raise RuntimeError("GRPO runs in one process for now (rollouts on a sharded model across ranks are "
-                               "not implemented); launch without torchrun")
         g, b = self.cfg.grpo, self.cfg.balance
         L = self.mcfg.num_hidden_layers
         # MTP is off in RL: balance (and measure routing of) the main layers only
@@ -190,9 +198,7 @@ class GRPOTrainer(Trainer):
             items = next(self.batches)
             seeds = [[completion_seed(self.cfg.train.seed, step, gen_batches, i, j) for j in range(G)]
                      for i in range(len(items))]
-            comps = generate_groups(self.engine, items, G, self.sampling(), seeds, record_routing=True,
-                                    decode=self._decode)
-            total, per = self.score(items, comps)
+            comps, total, per = self._generate_and_score(items, G, self.sampling(), seeds, record_routing=True)
             zero = zero_std_groups(total, G)
             zero_groups += int(zero.sum())
             n_groups += len(items)
@@ -222,6 +228,29 @@ class GRPOTrainer(Trainer):
                 "all_total": cat(all_total), "all_per": {k: cat(v) for k, v in all_per.items()},
                 "all_comps": all_comps, "zero_groups": zero_groups, "groups": n_groups, "gen_batches": gen_batches}
 
+    def _generate_and_score(self, items: list[PromptItem], G: int, sampling: Sampling, seeds: list[list[int]] | None,
+                            record_routing: bool) -> tuple[list[Completion], Tensor, dict[str, Tensor]]:
+        """G completions per prompt with their rewards, in prompt order. Each rank generates and scores the prompts
+        i = rank (mod world); then every rank gathers the whole batch."""
+        rank, world = self.info.rank, self.info.world_size
+        mine = [items[i] for i in range(rank, len(items), world)]
+        my_seeds = None if seeds is None else [seeds[i] for i in range(rank, len(items), world)]
+        comps = generate_groups(self.engine, mine, G, sampling, my_seeds, record_routing, decode=self._decode)
+        total, per = self.score(mine, comps) if mine else (torch.zeros(0), {})
+        if world == 1:
+            return comps, total, per
+        parts = tdist.all_gather_object((comps, total, per))
+        keys = next(p[2].keys() for p in parts if p[2])
+        out_comps, out_total, out_per = [], [], {k: [] for k in keys}
+        for i in range(len(items)):  # prompt i is local prompt i // world of rank i % world
+            r_comps, r_total, r_per = parts[i % world]
+            sl = slice(i // world * G, (i // world + 1) * G)
+            out_comps += [dataclasses.replace(c, group=i) for c in r_comps[sl]]
+            out_total.append(r_total[sl])
+            for k in keys:
+                out_per[k].append(r_per[k][sl])
+        return out_comps, torch.cat(out_total), {k: torch.cat(v) for k, v in out_per.items()}
+
     def _decode(self, ids: list[int]) -> str:
         try:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -250,7 +279,7 @@ class GRPOTrainer(Trainer):
             rec.update(self._update(kept, self.advantages(ro["total"], ro["per"]).to(dev)))
         else:  # every group had zero reward variance: nothing to learn from this batch
             rec.update({"loss": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped_update": True})
-            self.balancer.step()
+            self.balancer.step(tdist.all_reduce_sum)
         with warnings.catch_warnings():  # a skipped first update: the LR schedule still follows the step count
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
@@ -281,20 +310,28 @@ class GRPOTrainer(Trainer):
         g, dev = self.cfg.grpo, self.info.device
         mb = self.cfg.data.micro_batch_size
         n_moe, k = len(self.gates), self.mcfg.num_experts_per_tok
-        batches: list[TrainBatch] = [collate(kept[i:i + mb], dev, n_moe, k, self.pad_id)
-                                     for i in range(0, len(kept), mb)]
-        advs = [adv_N[i:i + mb] for i in range(0, len(kept), mb)]
+        all_batches: list[TrainBatch] = [collate(kept[i:i + mb], dev, n_moe, k, self.pad_id)
+                                         for i in range(0, len(kept), mb)]
+        all_advs = [adv_N[i:i + mb] for i in range(0, len(kept), mb)]
         if g.mask_truncated_completions:
-            for j, b in enumerate(batches):
+            for j, b in enumerate(all_batches):
                 trunc = torch.tensor([c.truncated for c in kept[j * mb:(j + 1) * mb]], device=dev)
                 b.mask_BL &= ~trunc[:, None]
-        global_active = float(sum(int(b.mask_BL.sum()) for b in batches))  # dapo normaliser, before the loop
-        accum = len(batches)
+        global_active = float(sum(int(b.mask_BL.sum()) for b in all_batches))  # dapo normaliser, before the loop
+        accum = len(all_batches)  # the single-process accumulation count, whatever the world size
+        # this rank's micro-batches (round-robin), then zero-weight repeats up to the same count on every rank
+        rank, world = self.info.rank, self.info.world_size
+        mine = list(range(rank, accum, world))
+        slots = -(-accum // world)
+        batches = [all_batches[j] for j in mine] + [all_batches[0]] * (slots - len(mine))
+        advs = [all_advs[j] for j in mine] + [all_advs[0]] * (slots - len(mine))
+        weight = [float(world)] * len(mine) + [0.0] * (slots - len(mine))
+        real = len(mine)
         from_rollout = self._old_from_rollout()
         old: list[Tensor | None] = [b.rollout_logp_BL if from_rollout else None for b in batches]
-        is_w: list[Tensor | None] = [None] * accum
+        is_w: list[Tensor | None] = [None] * len(batches)
         masks = [b.mask_BL for b in batches]
-        refs: list[Tensor | None] = [None] * accum
+        refs: list[Tensor | None] = [None] * len(batches)
         if self.ref_model is not None:
             with torch.no_grad():
                 refs = [policy_logprobs(self.ref_model, b, g.temperature, g.routing_replay)[0] for b in batches]
@@ -306,24 +343,27 @@ class GRPOTrainer(Trainer):
             for j, b in enumerate(batches):
                 logp, ent, out = policy_logprobs(self.model, b, g.temperature, g.routing_replay, entropy=it == 0)
                 m = b.mask_BL
+                a = acc if j < real else _Acc()  # a padding pass's statistics are dropped
                 if it == 0:
                     dis, dis_tok, n_tok = routing_disagreement(self.gates, out.router, b)
-                    acc.add("routing_disagree", dis, n_tok)
-                    acc.add("routing_disagree_tokens", dis_tok, n_tok)
-                    acc.add("entropy", float(ent[m].mean()) if m.any() else 0.0, int(m.sum()))
+                    a.add("routing_disagree", dis, n_tok)
+                    a.add("routing_disagree_tokens", dis_tok, n_tok)
+                    a.add("entropy", float(ent[m].mean()) if m.any() else 0.0, int(m.sum()))
                     if old[j] is None:
                         old[j] = logp.detach()
-                        self._rollout_mismatch(acc, old[j], b)
+                        self._rollout_mismatch(a, old[j], b)
                     if g.rollout_correction != "none":
                         is_w[j], masks[j] = rollout_correction(old[j], b.rollout_logp_BL, m, g.rollout_correction,
                                                                g.rollout_correction_threshold)
-                        acc.add("rollout_is_clipped_frac", _frac((is_w[j] >= g.rollout_correction_threshold) & m, m),
-                                int(m.sum()))
-                        acc.add("rollout_masked_frac", _frac(m & ~masks[j], m), int(m.sum()))
+                        a.add("rollout_is_clipped_frac", _frac((is_w[j] >= g.rollout_correction_threshold) & m, m),
+                              int(m.sum()))
+                        a.add("rollout_masked_frac", _frac(m & ~masks[j], m), int(m.sum()))
                 sur = clipped_surrogate(logp, old[j], advs[j], masks[j], g.epsilon_low, g.epsilon_high,
                                         g.importance_sampling_level, refs[j], g.beta, is_w[j])
                 loss = aggregate(sur.loss_NL, masks[j], g.loss_type, g.max_completion_length, global_active, 1, accum)
-                loss.backward()
+                (loss * weight[j]).backward()
+                if j >= real:  # a padding pass: zero gradients, no expert load
+                    continue
                 loss_sum += loss.item()
                 self.balancer.accumulate(out.router)
                 mk, n = masks[j], int(masks[j].sum())
@@ -337,14 +377,16 @@ class GRPOTrainer(Trainer):
                     if sur.kl_NL is not None:
                         acc.add("kl", float(sur.kl_NL.detach()[mk].mean()), n)
             grad_norms.append(float(_full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))))
-            load_LE = self.balancer.step()
+            load_LE = self.balancer.step(tdist.all_reduce_sum)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss_sum)
+        losses = tdist.all_reduce_sum(torch.tensor(losses, dtype=torch.float64, device=dev)).tolist()
+        acc = _Acc.merged(tdist.all_gather_object(acc))
         rec = {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(grad_norms)),
                "advantage_std": float(adv_N.std()) if adv_N.numel() > 1 else 0.0,
                "active_tokens": int(global_active), "old_logprobs": "rollout" if from_rollout else "train",
-               "tokens": int(sum(int(b.valid_BT.sum()) for b in batches)) * g.num_iterations}
+               "tokens": int(sum(int(b.valid_BT.sum()) for b in all_batches)) * g.num_iterations}
         rec.update(acc.result())
         if self.gates:
             stats = load_stats(load_LE.cpu())
@@ -368,10 +410,9 @@ class GRPOTrainer(Trainer):
         if not self.heldout:
             return {}
         self._sync_rollout_weights()
-        comps = generate_groups(self.engine, self.heldout, 1, self.sampling(greedy=True), None,
-                                record_routing=False, decode=self._decode)
+        comps, total, per = self._generate_and_score(self.heldout, 1, self.sampling(greedy=True), None,
+                                                     record_routing=False)
         self.model.train()
-        total, per = self.score(self.heldout, comps)
         out = {"heldout_reward": float(total.nanmean())}
         out.update({f"heldout_reward/{k}": float(v.nanmean()) for k, v in per.items()})
         return out
@@ -413,21 +454,37 @@ class _Acc:
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
-        self.ext: dict[str, float] = {}
+        self.hi: dict[str, float] = {}
+        self.lo: dict[str, float] = {}
+
+    @classmethod
+    def merged(cls, accs: list["_Acc"]) -> "_Acc":
+        """The statistics of all ranks' micro-batches together."""
+        out = cls()
+        for a in accs:
+            for k in a.sums:
+                out.sums[k] = out.sums.get(k, 0.0) + a.sums[k]
+                out.weights[k] = out.weights.get(k, 0.0) + a.weights[k]
+            for k, v in a.hi.items():
+                out.max(k, v)
+            for k, v in a.lo.items():
+                out.min(k, v)
+        return out
 
     def add(self, key: str, value: float, weight: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value * weight
         self.weights[key] = self.weights.get(key, 0.0) + weight
 
     def max(self, key: str, value: float) -> None:
-        self.ext[key] = max(self.ext.get(key, -math.inf), value)
+        self.hi[key] = max(self.hi.get(key, -math.inf), value)
 
     def min(self, key: str, value: float) -> None:
-        self.ext[key] = min(self.ext.get(key, math.inf), value)
+        self.lo[key] = min(self.lo.get(key, math.inf), value)
 
     def result(self) -> dict[str, float]:
         out = {k: self.sums[k] / self.weights[k] if self.weights[k] else 0.0 for k in self.sums}
-        out.update(self.ext)
+        out.update(self.hi)
+        out.update(self.lo)
         return out
 
 
