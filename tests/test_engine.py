@@ -338,3 +338,33 @@ def test_fp8_fixture_through_the_engine_with_resident_fp8_weights(fixtures_dir):
     res = Engine(m, max_batch=2).generate([GenerationRequest([int(t) for t in row], max_tokens=want.shape[1],
                                                              stop_ids=[]) for row in ids])
     assert [r.token_ids for r in res] == want.tolist()
+
+
+def test_prefix_reuse_prefills_only_the_new_turn(model):
+    """Chat A's next turn reuses A's slot while chat B decoded beside the idle slot (whose decode writes land on
+    position 0): same tokens as an independent full-prompt greedy decode, log-probs as a no-reuse engine."""
+    ps = prompts(3, seed=9)
+    eng = Engine(model, max_batch=2, max_seq_len=128)
+    a1, _ = eng.generate([GenerationRequest(ps[0], max_tokens=6, stop_ids=[]),
+                          GenerationRequest(ps[1], max_tokens=30, stop_ids=[])])
+    turn2 = ps[0] + a1.token_ids + ps[2]
+    a2 = eng.generate([GenerationRequest(turn2, max_tokens=12, stop_ids=[], logprobs=True)])[0]
+    assert a2.cached_tokens == len(ps[0]) + len(a1.token_ids) - 2  # every fed token but position 0
+    assert eng.metrics.prompt_tokens_cached == a2.cached_tokens
+    assert a2.token_ids == greedy_ref(model, turn2, 12)
+    fresh = Engine(model, max_batch=2, max_seq_len=128, prefix_reuse=False)
+    want = fresh.generate([GenerationRequest(turn2, max_tokens=12, stop_ids=[], logprobs=True)])[0]
+    assert want.cached_tokens == 0
+    assert max(abs(x - y) for x, y in zip(a2.logprobs, want.logprobs)) < 1e-5
+
+
+def test_prefix_reuse_beside_fresh_prompts_in_one_prefill(model):
+    ps = prompts(4, seed=10)
+    eng = Engine(model, max_batch=4, max_seq_len=128)
+    first = eng.generate([GenerationRequest(ps[0], max_tokens=8, stop_ids=[])])[0]
+    cont = ps[0] + first.token_ids + ps[1]
+    todo = [ps[2], cont, ps[3]]  # the unrelated prompts must not evict the cached chat: empty slots go first
+    res = eng.generate([GenerationRequest(p, max_tokens=8, stop_ids=[]) for p in todo])
+    assert [r.cached_tokens for r in res] == [0, len(ps[0]) + len(first.token_ids) - 2, 0]
+    for p, r in zip(todo, res):
+        assert r.token_ids == greedy_ref(model, p, 8)

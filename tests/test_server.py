@@ -113,6 +113,8 @@ def test_chat_non_stream_and_stream(server):
     finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finals == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    # the same prompt again: its K/V were still in the first request's slot (all but positions 0 and the last)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 2
 
     with httpx.stream("POST", url + "/v1/chat/completions", json={
             "model": MODEL, "messages": MSGS, "max_tokens": 4, "temperature": 0, "stream": True}) as resp:

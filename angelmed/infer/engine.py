@@ -12,6 +12,10 @@ batched step serves requests with different settings. Random numbers come from a
 (seed, step, vocab id): a seeded request draws the same tokens whether it runs alone or beside others, and the
 decode step needs no generator objects and no host syncs (it can be compiled).
 
+Prefix reuse: a finished request leaves its tokens' K/V in its slot. A new request whose prompt starts with
+those tokens (the next turn of the same chat, or the same system prompt) is put in that slot and prefills only
+the rest of its prompt. Position 0 is computed again: free slots' decode writes land there.
+
 Used by GRPO rollouts and eval (`generate`, blocking), the server (`start()` + `stream()`), and the terminal
 chat. Shape suffixes: B slots, T tokens, V vocab, S cache positions.
 """
@@ -118,6 +122,7 @@ class Delta:
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: str | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, log-prob), most likely first
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the slot's earlier request (prefix reuse)
 
 
 @dataclass
@@ -135,6 +140,7 @@ class Result:
     # token that was fed back (all but the last), so n = len(prompt_ids) + len(token_ids) - 1.
     routing: list[Tensor] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    cached_tokens: int = 0  # prompt tokens not prefilled: their K/V were still in the slot (prefix reuse)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -181,6 +187,7 @@ class EngineMetrics:
     requests_cancelled: int = 0
     requests_failed: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_cached: int = 0  # of those, reused from a slot's earlier request instead of prefilled
     tokens_generated: int = 0
     steps: int = 0
     queue_depth: int = 0
@@ -293,11 +300,30 @@ class SlotCaches:
         return self._views[key]
 
     def write_rows(self, slots: Tensor, tmp_caches: list) -> None:
-        """Copy freshly prefilled temporary caches [m, K, T, d] into the given slot rows."""
+        """Copy freshly prefilled temporary caches [m, K, T, d] into the given slot rows (positions past the
+        cache are padding)."""
         for full, tmp in zip(self.caches, tmp_caches):
-            T = tmp.k.shape[2]
-            full.k[slots, :, :T] = tmp.k
-            full.v[slots, :, :T] = tmp.v
+            T = min(tmp.k.shape[2], full.k.shape[2])
+            full.k[slots, :, :T] = tmp.k[:, :, :T]
+            full.v[slots, :, :T] = tmp.v[:, :, :T]
+
+    def read_prefix(self, slot: int, n: int, tmp_caches: list, row: int) -> None:
+        """Positions 1..n-1 of a slot's K/V into row `row` of temporary caches (prefix reuse)."""
+        for full, tmp in zip(self.caches, tmp_caches):
+            tmp.k[row, :, 1:n] = full.k[slot, :, 1:n]
+            tmp.v[row, :, 1:n] = full.v[slot, :, 1:n]
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (binary search over C-speed slice comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # a[:lo] == b[:lo]; the answer is < hi + 1
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def bucket(n: int, limit: int) -> int:
@@ -343,6 +369,7 @@ class _Slot:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     routing: list[list[Tensor]] | None = None  # [routing record] per MoE layer, chunks of [t, k] ids (host)
+    cached: int = 0  # prompt tokens reused from the slot's cache
 
     @property
     def request(self) -> GenerationRequest:
@@ -353,8 +380,11 @@ class _Slot:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: TokenizerLike | None = None, max_batch: int = 16,
                  max_seq_len: int | None = None, stop_ids: list[int] | None = None, max_queue: int = 1024,
-                 compile: bool = False, draft=None, spec_tokens: int = 3, max_prefill_tokens: int = 8192):
-        """draft: a speculative.DraftModel (e.g. MTPDrafter(model)); spec_tokens: tokens drafted per round."""
+                 compile: bool = False, draft=None, spec_tokens: int = 3, max_prefill_tokens: int = 8192,
+                 prefix_reuse: bool = True):
+        """draft: a speculative.DraftModel (e.g. MTPDrafter(model)); spec_tokens: tokens drafted per round;
+        prefix_reuse: prefill only what a free slot's cache does not already hold (off with a draft, whose own
+        caches would need the same bookkeeping)."""
         self.model = model.eval()
         self.cfg = model.config
         self.tokenizer = tokenizer
@@ -387,6 +417,9 @@ class Engine:
         self.counter_B = torch.zeros(B, dtype=torch.long, device=dev)
         self.seen_BV = torch.zeros(B, self.vocab_size, dtype=torch.bool, device=dev)
         self.slots: list[_Slot | None] = [None] * B
+        self.prefix_reuse = prefix_reuse and draft is None
+        self.cached_ids: list[list[int]] = [[] for _ in range(B)]  # tokens whose K/V a free slot holds
+        self._freed_at = [0] * B  # engine step at which each slot was last freed (least recently used goes first)
         self._pending: deque[RequestHandle] = deque()
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
@@ -552,6 +585,7 @@ class Engine:
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     def _fail_all(self, why: str) -> None:
+        self.cached_ids = [[] for _ in self.slots]  # a failed step may have half-written any slot
         for i, s in enumerate(self.slots):
             if s is not None:
                 s.finish_reason = "error"
@@ -602,16 +636,38 @@ class Engine:
         if not free:
             return
         batch: list[tuple[int, RequestHandle]] = []
+        reuse: list[int] = []
         budget = self.max_prefill_tokens
+        live = [i for i, s in enumerate(self.slots) if s is not None]
         with self._lock:
-            while self._pending and len(batch) < len(free):
-                n = len(self._pending[0].request.prompt_ids)
+            # rows the next decode steps will cover anyway: an empty slot inside them costs nothing
+            covered = bucket(max(max(live, default=-1) + 1, len(live) + min(len(self._pending), len(free))),
+                             self.max_batch)
+            while self._pending and free:
+                slot, r = self._pick_slot(free, self._pending[0].request, covered)
+                n = len(self._pending[0].request.prompt_ids) - r
                 if batch and n > budget:
                     break
                 budget -= n
-                batch.append((free[len(batch)], self._pending.popleft()))
+                free.remove(slot)
+                batch.append((slot, self._pending.popleft()))
+                reuse.append(r)
         if batch:
-            self._prefill(batch)
+            self._prefill(batch, reuse)
+
+    def _pick_slot(self, free: list[int], req: GenerationRequest, covered: int) -> tuple[int, int]:
+        """(slot, prompt tokens whose K/V it holds). The free slot sharing the longest prompt prefix (2+ tokens);
+        else, among the rows decode steps cover, an empty slot, then the one freed longest ago; else the lowest.
+        (A slot beyond the covered rows would make every decode step run more rows.)"""
+        if self.prefix_reuse and not req.record_routing:  # [routing record] needs every prompt token processed
+            n, neg_slot = max((common_prefix_len(self.cached_ids[i], req.prompt_ids), -i) for i in free)
+            n = min(n, len(req.prompt_ids) - 1)  # the last prompt token always runs: its logits are sampled
+            if n >= 2:
+                return -neg_slot, n
+        inside = [i for i in free if i < covered]
+        if not inside:
+            return free[0], 0
+        return min(inside, key=lambda i: (bool(self.cached_ids[i]), self._freed_at[i], i)), 0
 
     def _set_slot_params(self, slots: list[int], reqs: list[GenerationRequest]) -> Tensor:
         dev = self.device
@@ -629,23 +685,31 @@ class Engine:
             self.seen_BV[row, torch.tensor(r.prompt_ids, device=dev)] = True
         return idx
 
-    def _prefill(self, batch: list[tuple[int, RequestHandle]]) -> None:
+    def _prefill(self, batch: list[tuple[int, RequestHandle]], reuse: list[int]) -> None:
         slots = [i for i, _ in batch]
         reqs = [h.request for _, h in batch]
         lens = [len(r.prompt_ids) for r in reqs]
-        m, T = len(batch), max(lens)
-        dev = self.device
+        m, dev = len(batch), self.device
+        for slot in slots:  # from here on the slot's old K/V are being overwritten
+            self.cached_ids[slot] = []
+        # positions each row computes: all of its prompt, or with reuse r position 0 and r.. (1..r-1 are cached)
+        run = [[0, *range(r, n)] if r else list(range(n)) for r, n in zip(reuse, lens)]
+        T = max(map(len, run))
         ids = torch.zeros(m, T, dtype=torch.long)
-        for j, r in enumerate(reqs):
-            ids[j, :lens[j]] = torch.tensor(r.prompt_ids)
-        ids = ids.to(dev)
-        # right padding is harmless: pad positions lie past the row's frontier and are overwritten before use
-        pos = torch.arange(T, device=dev).expand(m, T)
-        tmp = self.model.make_caches(m, T)
+        pos = torch.zeros(m, T, dtype=torch.long)
+        for j, (r, p) in enumerate(zip(reqs, run)):
+            ids[j, :len(p)] = torch.tensor([r.prompt_ids[i] for i in p])
+            # right padding is harmless: pad positions lie past the row's frontier and are overwritten before use
+            pos[j] = torch.tensor(p + list(range(lens[j], lens[j] + T - len(p))))
+        ids, pos = ids.to(dev), pos.to(dev)
+        tmp = self.model.make_caches(m, max(n + T - len(p) for n, p in zip(lens, run)))
+        for j, (slot, r) in enumerate(zip(slots, reuse)):
+            if r:
+                self.kv.read_prefix(slot, r, tmp, j)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers
         keep = self.spec.feature_layers if self.spec is not None else ()
         out = self.model(ids, pos_BT=pos, caches=tmp, compute_logits=False, keep_layers=keep)
-        last = torch.tensor([n - 1 for n in lens], device=dev)
+        last = torch.tensor([len(p) - 1 for p in run], device=dev)
         # only each row's last position is sampled: skip the lm_head (and a [m,T,V] fp32 tensor) elsewhere
         logits = last_logits = self.model.logits_from_hidden(out.hidden[torch.arange(m, device=dev), last])
         idx = self._set_slot_params(slots, reqs)
@@ -672,8 +736,9 @@ class Engine:
             stop_ids = frozenset(r.stop_ids if r.stop_ids is not None else self.default_stop_ids)
             self.slots[slot] = _Slot(h, lens[j], min(r.max_tokens, room), room < r.max_tokens, stop_ids,
                                      logprobs=[] if r.logprobs else None,
-                                     top_logprobs=[] if r.top_logprobs else None)
+                                     top_logprobs=[] if r.top_logprobs else None, cached=max(reuse[j] - 1, 0))
             self.metrics.prompt_tokens += lens[j]
+            self.metrics.prompt_tokens_cached += self.slots[slot].cached
         if any(r.record_routing for r in reqs):  # [routing record] the prompt tokens
             ids_LmTk = _routing_to_host(out.routing, self.cfg.num_experts) if out.router else None
             for j, (slot, h) in enumerate(batch):
@@ -835,14 +900,18 @@ class Engine:
                             break
             end = max(end, s.emitted_chars)
             text, s.emitted_chars = s.text[s.emitted_chars:end], end
-        s.handle._emit(Delta(s.request.request_id, added, text, added_lp, s.finish_reason, top_logprobs=added_top))
+        s.handle._emit(Delta(s.request.request_id, added, text, added_lp, s.finish_reason, top_logprobs=added_top,
+                             cached_tokens=s.cached))
 
     def _finish(self, i: int, error: str | None = None) -> None:
         s = self.slots[i]
         assert s is not None
         self.slots[i] = None
         self.active_B[i] = 0
-        self.pos_B[i] = 0
+        self.pos_B[i] = 0  # a free slot's decode writes land on position 0 (recomputed when the slot is reused)
+        self._freed_at[i] = self.metrics.steps
+        if self.prefix_reuse and s.finish_reason != "error":  # every token but the last one was fed
+            self.cached_ids[i] = (list(s.request.prompt_ids) + s.generated[:-1])[:self._cache_len]
         if s.finish_reason == "cancelled":
             self.metrics.requests_cancelled += 1
             s.handle._emit(Delta(s.request.request_id, [], "", finish_reason="cancelled"))
@@ -855,4 +924,4 @@ class Engine:
         routing = None if s.routing is None else [torch.cat(chunks) for chunks in s.routing]  # [routing record]
         s.handle._finish(Result(s.request.request_id, list(s.request.prompt_ids), list(s.generated), text,
                                 s.finish_reason or "error", s.logprobs, s.stop_reason, error, routing,
-                                s.top_logprobs))
+                                s.top_logprobs, s.cached))

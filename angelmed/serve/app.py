@@ -143,7 +143,9 @@ def prometheus_text(engine: Engine, http: HTTPCounters) -> str:
           ({"state": "cancelled"}, m.requests_cancelled), ({"state": "failed"}, m.requests_failed)]),
         ("angelmed_requests_cancelled_total", "counter", "requests cancelled (client gone or aborted)",
          [({}, m.requests_cancelled)]),
-        ("angelmed_prompt_tokens_total", "counter", "prompt tokens prefilled", [({}, m.prompt_tokens)]),
+        ("angelmed_prompt_tokens_total", "counter", "prompt tokens of admitted requests", [({}, m.prompt_tokens)]),
+        ("angelmed_prompt_tokens_cached_total", "counter", "prompt tokens whose K/V a slot still held (not prefilled)",
+         [({}, m.prompt_tokens_cached)]),
         ("angelmed_generated_tokens_total", "counter", "tokens generated", [({}, m.tokens_generated)]),
         ("angelmed_engine_steps_total", "counter", "engine scheduler steps", [({}, m.steps)]),
         ("angelmed_active_slots", "gauge", "requests decoding now", [({}, active)]),
@@ -296,9 +298,10 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
         log.info("%s %s prompt_tokens=%d completion_tokens=%d finish=%s %.3fs%s", kind, req.request_id,
                  len(req.prompt_ids), n_out, finish, dt, extra)
 
-    def usage(req: GenerationRequest, n_out: int) -> dict:
+    def usage(req: GenerationRequest, n_out: int, last: Delta | None) -> dict:
         return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n_out,
-                "total_tokens": len(req.prompt_ids) + n_out}
+                "total_tokens": len(req.prompt_ids) + n_out,
+                "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last is not None else 0}}
 
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -367,7 +370,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                  "logprobs": lp_content([t for d in deltas for t in d.token_ids], lps, tops),
                                  "finish_reason": finish}],
-                    "usage": usage(req, n_out)}
+                    "usage": usage(req, n_out, deltas[-1] if deltas else None)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -402,7 +405,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                 yield chunk({}, finish)
                 if include_usage:
                     yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                               "model": cfg.served_model_name, "choices": [], "usage": usage(req, n_out)})
+                               "model": cfg.served_model_name, "choices": [], "usage": usage(req, n_out, d)})
                 yield "data: [DONE]\n\n"
                 log_done("/v1/chat/completions", req, n_out, finish, t0, text)
             finally:  # client disconnect lands here (CancelledError/GeneratorExit): free the slot
@@ -452,7 +455,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             lps = [x for d in deltas for x in (d.logprobs or [])]
             tops = [x for d in deltas for x in (d.top_logprobs or [])]
             return {"id": cid, "object": "text_completion", "created": created, "model": cfg.served_model_name,
-                    "choices": [choice(text, finish, toks, lps, tops)], "usage": usage(req, n_out)}
+                    "choices": [choice(text, finish, toks, lps, tops)],
+                    "usage": usage(req, n_out, deltas[-1] if deltas else None)}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
@@ -473,7 +477,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                     d = await gen.__anext__()
                 if include_usage:
                     yield sse({"id": cid, "object": "text_completion", "created": created,
-                               "model": cfg.served_model_name, "choices": [], "usage": usage(req, n_out)})
+                               "model": cfg.served_model_name, "choices": [], "usage": usage(req, n_out, d)})
                 yield "data: [DONE]\n\n"
                 log_done("/v1/completions", req, n_out, d.finish_reason if d else None, t0)
             finally:
