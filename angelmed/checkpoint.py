@@ -256,6 +256,35 @@ def _dtype(d: torch.dtype | str) -> torch.dtype:
     return table[d]
 
 
+def checkpoint_bytes(cfg: ModelConfig, fp8: bool = False, dtype_bytes: int = 2) -> int:
+    """Bytes of the checkpoint's tensors (what a server holds resident before the KV cache), from the shapes of a
+    meta-device model: `dtype_bytes` per parameter, expert biases fp32, and with fp8 one byte per quantised
+    weight plus one fp32 scale per 128x128 block (the official converter's choice of tensors)."""
+    from angelmed.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg.replace(quantization_config=None))
+    total = 0
+    for name, t in model.state_dict().items():
+        if name == "inv_freq":
+            continue
+        # stacked experts [E, rows, cols] are E separate checkpoint matrices
+        mats = t.shape[0] if re.search(r"\.mlp\.experts\.(gate|up|down)_proj$", name) else 1
+        official = re.sub(r"\.mlp\.experts\.(\w+)$", r".mlp.experts.0.\1.weight", name)
+        if name.endswith("expert_bias"):
+            total += 4 * t.numel()
+        elif fp8 and _FP8_RE.search(official):
+            rows, cols = t.shape[-2:]
+            total += t.numel() + 4 * mats * _blocks(rows) * _blocks(cols)
+        else:
+            total += dtype_bytes * t.numel()
+    return total
+
+
+def _blocks(n: int) -> int:
+    return -(-n // FP8_BLOCK)
+
+
 # ---- writing ---------------------------------------------------------------------------------------
 def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, torch.Tensor]:
     """Our state dict under the official names (experts unstacked), optionally cast or FP8-quantised."""

@@ -76,6 +76,7 @@ def info(argv: list[str]) -> int:
         "context": cfg.max_position_embeddings, "rope_scaling": cfg.rope_scaling, "dtype": cfg.torch_dtype,
         "fp8": cfg.quantization_config is not None, "params_total": counts["total"],
         "params_active": counts["active"], "params_expert_bias_fp32": counts["expert_bias_fp32"],
+        **serving_memory(cfg),
     }
     if a.json:
         print(json.dumps(summary))
@@ -83,8 +84,19 @@ def info(argv: list[str]) -> int:
     for k, v in summary.items():
         if k.startswith("params"):
             v = f"{v:,} ({_fmt(v)})"
-        print(f"{k:>24}: {v}")
+        elif k.endswith("_bytes"):
+            v = f"{v / 2**30:,.2f} GiB" if v >= 2**30 else f"{v / 2**10:,.1f} KiB"
+        print(f"{k:>30}: {v}")
     return 0
+
+
+def serving_memory(cfg: ModelConfig) -> dict[str, int]:
+    """Resident weights in BF16 and block-FP8, and the BF16 KV cache per token and per full-context sequence."""
+    from angelmed.checkpoint import checkpoint_bytes
+
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16, main layers
+    return {"weights_bf16_bytes": checkpoint_bytes(cfg), "weights_fp8_bytes": checkpoint_bytes(cfg, fp8=True),
+            "kv_cache_per_token_bytes": kv, "kv_cache_full_context_bytes": kv * cfg.max_position_embeddings}
 
 
 @_guard

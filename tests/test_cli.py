@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+from safetensors import safe_open
 
 
 def run(*args, check=True):
@@ -40,6 +41,13 @@ def test_new_info_convert(tmp_path):
     assert info["params_total"] == 315_776 and info["mtp_layers"] == 1
     run("convert", tmp_path / "t", tmp_path / "t8", "--fp8")
     assert json.loads((tmp_path / "t8" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    run("convert", tmp_path / "t", tmp_path / "tb", "--dtype", "bfloat16")
+    for d, key in (("tb", "weights_bf16_bytes"), ("t8", "weights_fp8_bytes")):  # info's memory = bytes written
+        with safe_open(str(tmp_path / d / "model.safetensors"), "pt") as f:
+            assert info[key] == sum(f.get_tensor(k).nbytes for k in f.keys()), key
+    big = json.loads(run("info", "flash-100b", "--json").stdout)  # the published 206 GB BF16 / ~104 GB FP8
+    assert abs(big["weights_bf16_bytes"] / 1e9 - 206) < 1 and abs(big["weights_fp8_bytes"] / 1e9 - 104) < 1
+    assert big["kv_cache_per_token_bytes"] == 64 * 1024  # 32 layers x 4 kv heads x 128 x (K, V) x bf16
     run("convert", tmp_path / "t", tmp_path / "ts", "--shards", 2)
     assert (tmp_path / "ts" / "model-00002-of-00002.safetensors").is_file()
     ids = np.arange(10)[None]
