@@ -368,3 +368,29 @@ def test_prefix_reuse_beside_fresh_prompts_in_one_prefill(model):
     assert [r.cached_tokens for r in res] == [0, len(ps[0]) + len(first.token_ids) - 2, 0]
     for p, r in zip(todo, res):
         assert r.token_ids == greedy_ref(model, p, 8)
+
+
+def test_identical_prompts_prefill_once_and_sample_independently(model, monkeypatch):
+    """A GRPO-style group: 4 samples of one prompt beside another prompt. The prefill runs one row per distinct
+    prompt; every sample equals its own solo run (tokens and recorded routing), and the seeds still differ."""
+    p, q = prompts(2, seed=11)
+    req = dict(max_tokens=10, temperature=1.0, top_k=40, stop_ids=[], record_routing=True)
+    eng = Engine(model, max_batch=6, max_seq_len=64)
+    prefill_rows = []
+    real = model.forward
+
+    def spy(ids, *a, **k):
+        if ids.shape[1] > 1:
+            prefill_rows.append(ids.shape[0])
+        return real(ids, *a, **k)
+
+    monkeypatch.setattr(model, "forward", spy)
+    group = eng.generate([GenerationRequest(p, seed=s, **req) for s in range(4)] + [GenerationRequest(q, seed=9, **req)])
+    assert prefill_rows == [2]
+    solo = Engine(model, max_batch=1, max_seq_len=64)
+    for s, r in enumerate(group[:4]):
+        alone = solo.generate([GenerationRequest(p, seed=s, **req)])[0]
+        assert r.token_ids == alone.token_ids
+        assert all(torch.equal(a, b) for a, b in zip(r.routing, alone.routing))
+    assert group[4].token_ids == solo.generate([GenerationRequest(q, seed=9, **req)])[0].token_ids
+    assert len({tuple(r.token_ids) for r in group[:4]}) > 1

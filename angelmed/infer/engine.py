@@ -299,13 +299,13 @@ class SlotCaches:
             self._views[key] = [CacheView(c.k[:n, :, :S], c.v[:n, :, :S]) for c in self.caches]
         return self._views[key]
 
-    def write_rows(self, slots: Tensor, tmp_caches: list) -> None:
-        """Copy freshly prefilled temporary caches [m, K, T, d] into the given slot rows (positions past the
-        cache are padding)."""
+    def write_rows(self, slots: Tensor, tmp_caches: list, rows: Tensor | slice = slice(None)) -> None:
+        """Copy rows `rows` of freshly prefilled temporary caches [m, K, T, d] into the given slots (positions past
+        the cache are padding)."""
         for full, tmp in zip(self.caches, tmp_caches):
             T = min(tmp.k.shape[2], full.k.shape[2])
-            full.k[slots, :, :T] = tmp.k[:, :, :T]
-            full.v[slots, :, :T] = tmp.v[:, :, :T]
+            full.k[slots, :, :T] = tmp.k[rows, :, :T]
+            full.v[slots, :, :T] = tmp.v[rows, :, :T]
 
     def read_prefix(self, slot: int, n: int, tmp_caches: list, row: int) -> None:
         """Positions 1..n-1 of a slot's K/V into row `row` of temporary caches (prefix reuse)."""
@@ -689,31 +689,37 @@ class Engine:
         slots = [i for i, _ in batch]
         reqs = [h.request for _, h in batch]
         lens = [len(r.prompt_ids) for r in reqs]
-        m, dev = len(batch), self.device
+        dev = self.device
         for slot in slots:  # from here on the slot's old K/V are being overwritten
             self.cached_ids[slot] = []
+        # Identical rows (a GRPO group, several samples of one prompt) are computed once: row j is unique row
+        # src[j], first seen at row uniq[src[j]]. Each row still samples with its own settings and seed.
+        first: dict[tuple, int] = {}
+        src = [first.setdefault((tuple(r.prompt_ids), u), len(first)) for r, u in zip(reqs, reuse)]
+        uniq = [src.index(u) for u in range(len(first))]
         # positions each row computes: all of its prompt, or with reuse r position 0 and r.. (1..r-1 are cached)
-        run = [[0, *range(r, n)] if r else list(range(n)) for r, n in zip(reuse, lens)]
+        run = [[0, *range(reuse[j], lens[j])] if reuse[j] else list(range(lens[j])) for j in uniq]
         T = max(map(len, run))
-        ids = torch.zeros(m, T, dtype=torch.long)
-        pos = torch.zeros(m, T, dtype=torch.long)
-        for j, (r, p) in enumerate(zip(reqs, run)):
-            ids[j, :len(p)] = torch.tensor([r.prompt_ids[i] for i in p])
+        ids = torch.zeros(len(uniq), T, dtype=torch.long)
+        pos = torch.zeros(len(uniq), T, dtype=torch.long)
+        for u, (j, p) in enumerate(zip(uniq, run)):
+            ids[u, :len(p)] = torch.tensor([reqs[j].prompt_ids[i] for i in p])
             # right padding is harmless: pad positions lie past the row's frontier and are overwritten before use
-            pos[j] = torch.tensor(p + list(range(lens[j], lens[j] + T - len(p))))
+            pos[u] = torch.tensor(p + list(range(lens[j], lens[j] + T - len(p))))
         ids, pos = ids.to(dev), pos.to(dev)
-        tmp = self.model.make_caches(m, max(n + T - len(p) for n, p in zip(lens, run)))
-        for j, (slot, r) in enumerate(zip(slots, reuse)):
-            if r:
-                self.kv.read_prefix(slot, r, tmp, j)
+        tmp = self.model.make_caches(len(uniq), max(lens[j] + T - len(p) for j, p in zip(uniq, run)))
+        for u, j in enumerate(uniq):
+            if reuse[j]:
+                self.kv.read_prefix(slots[j], reuse[j], tmp, u)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers
         keep = self.spec.feature_layers if self.spec is not None else ()
         out = self.model(ids, pos_BT=pos, caches=tmp, compute_logits=False, keep_layers=keep)
+        src_t = torch.tensor(src, device=dev)
         last = torch.tensor([len(p) - 1 for p in run], device=dev)
         # only each row's last position is sampled: skip the lm_head (and a [m,T,V] fp32 tensor) elsewhere
-        logits = last_logits = self.model.logits_from_hidden(out.hidden[torch.arange(m, device=dev), last])
+        logits = last_logits = self.model.logits_from_hidden(out.hidden[src_t, last[src_t]])
         idx = self._set_slot_params(slots, reqs)
-        self.kv.write_rows(idx, tmp)
+        self.kv.write_rows(idx, tmp, src_t)
         if any(r.repetition_penalty != 1 for r in reqs):
             logits = apply_repetition_penalty(logits, self.seen_BV[idx], self.pen_B[idx])
         sample = any(r.temperature > 0 for r in reqs)
@@ -721,7 +727,7 @@ class Engine:
         tok = pick_tokens(logits, self.temp_B[idx], self.topk_B[idx], self.topp_B[idx], self.seed_B[idx],
                           self.counter_B[idx], sample, filt)
         if self.spec is not None:
-            self.spec.absorb_prompt(idx, ids, self.spec.features(out), lens, tok)  # [spec hook]
+            self.spec.absorb_prompt(idx, ids[src_t], self.spec.features(out)[src_t], lens, tok)  # [spec hook]
         self.tok_B[idx] = tok
         self.pos_B[idx] = torch.tensor(lens, device=dev)
         self.active_B[idx] = 1
@@ -743,7 +749,8 @@ class Engine:
             ids_LmTk = _routing_to_host(out.routing, self.cfg.num_experts) if out.router else None
             for j, (slot, h) in enumerate(batch):
                 if h.request.record_routing:
-                    self.slots[slot].routing = [[ids_LmTk[layer, j, :lens[j]]] for layer in range(len(out.router))]
+                    self.slots[slot].routing = [[ids_LmTk[layer, src[j], :lens[j]]]
+                                                for layer in range(len(out.router))]
         self._accept_tokens({slot: [host[0][j]] for j, slot in enumerate(slots)},
                             {slot: [host[1][j]] for j, slot in enumerate(slots)} if want_lp else None,
                             {slot: [host[2][j]] for j, slot in enumerate(slots)} if top_n else None)
