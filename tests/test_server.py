@@ -123,6 +123,38 @@ def test_chat_non_stream_and_stream(server):
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
 
 
+def test_n_choices_equal_separate_seeded_requests(server):
+    """n=3 samples: choice i is the request with seed + i (seeded sampling does not depend on the batch), in the
+    non-streaming and streaming chat API and in completions; usage counts every choice's tokens."""
+    url, _, tok, _ = server
+    c = client(url)
+    kw = dict(model=MODEL, messages=MSGS, max_tokens=8, temperature=1.0, top_p=0.9)
+    alone = [c.chat.completions.create(seed=5 + i, **kw).choices[0].message.content for i in range(3)]
+    assert len(set(alone)) > 1
+    r = c.chat.completions.create(seed=5, n=3, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert [ch.message.content for ch in r.choices] == alone
+    assert r.usage.completion_tokens == 24 and all(ch.finish_reason == "length" for ch in r.choices)
+
+    texts, finishes = ["", "", ""], [None, None, None]
+    chunks = list(c.chat.completions.create(seed=5, n=3, stream=True, stream_options={"include_usage": True}, **kw))
+    for ch in chunks:
+        for x in ch.choices:
+            texts[x.index] += x.delta.content or ""
+            if x.finish_reason:
+                assert finishes[x.index] is None
+                finishes[x.index] = x.finish_reason
+    assert texts == alone and finishes == ["length"] * 3 and chunks[-1].usage.completion_tokens == 24
+
+    prompt = "Fever of 39C and a stiff neck:"
+    one = [c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0, seed=11 + i)
+           .choices[0].text for i in range(2)]
+    both = c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0, seed=11, n=2)
+    assert [ch.text for ch in both.choices] == one and [ch.index for ch in both.choices] == [0, 1]
+    bad = httpx.post(url + "/v1/chat/completions", json={**kw, "n": 17})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+
+
 def test_logprobs_and_top_logprobs(server):
     """Greedy: each token is its step's most likely one, so it heads its own top_logprobs with the same log-prob;
     the log-probs equal a full forward's; the legacy completions API gives {token: log-prob} maps."""
@@ -202,17 +234,19 @@ def metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def test_disconnect_mid_stream_frees_the_slot(server):
+@pytest.mark.parametrize("n", [1, 2])
+def test_disconnect_mid_stream_frees_the_slot(server, n):
     url, *_ = server
     cancelled0 = metric(url, "angelmed_requests_cancelled_total")
     with httpx.stream("POST", url + "/v1/chat/completions", json={
-            "model": MODEL, "messages": MSGS, "max_tokens": 4000, "temperature": 0, "stream": True}) as resp:
+            "model": MODEL, "messages": MSGS, "max_tokens": 4000, "temperature": 0, "stream": True, "n": n}) as resp:
         it = resp.iter_lines()
         got = [next(it) for _ in range(6)]
         assert any(g.startswith("data: ") for g in got)
-        assert metric(url, "angelmed_active_slots") == 1
+        assert metric(url, "angelmed_active_slots") == n
     deadline = time.monotonic() + 10
-    while metric(url, "angelmed_active_slots") != 0 or metric(url, "angelmed_requests_cancelled_total") == cancelled0:
+    while (metric(url, "angelmed_active_slots") != 0
+           or metric(url, "angelmed_requests_cancelled_total") < cancelled0 + n):
         assert time.monotonic() < deadline, httpx.get(url + "/metrics").text
         time.sleep(0.05)
     text = httpx.get(url + "/metrics").text

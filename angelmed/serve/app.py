@@ -19,7 +19,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -83,7 +83,7 @@ class _SamplingFields(_Lenient):
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=16)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -217,10 +217,9 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             raise APIError(404, f"model {name!r} does not exist; this server serves {cfg.served_model_name!r}",
                            "model_not_found", "model")
 
-    def build_request(body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None,
-                      default_max: int | None, logprobs: bool, top_logprobs: int = 0) -> GenerationRequest:
-        if body.n != 1:
-            raise APIError(400, "n: only n=1 is supported", param="n")
+    def build_requests(body: _SamplingFields, prompt_ids: list[int], max_tokens: int | None,
+                       default_max: int | None, logprobs: bool, top_logprobs: int = 0) -> list[GenerationRequest]:
+        """One engine request per choice (`n`); choice i of a seeded request uses seed + i."""
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(body, name):
                 raise APIError(400, f"{name}: not supported (use repetition_penalty)", param=name)
@@ -239,15 +238,15 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
         if any(not s for s in stop) or len(stop) > 16:
             raise APIError(400, "stop: up to 16 non-empty strings", param="stop")
         top_k = body.top_k if body.top_k is not None else d.get("top_k", 0)
-        return GenerationRequest(
+        return [GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=max_tokens,
             temperature=body.temperature if body.temperature is not None else d.get("temperature", 0.0),
             top_p=body.top_p if body.top_p is not None else d.get("top_p", 1.0),
             top_k=max(0, top_k),
             repetition_penalty=(body.repetition_penalty if body.repetition_penalty is not None
                                 else d.get("repetition_penalty", 1.0)),
-            seed=body.seed, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
-            request_id=f"cmpl-{uuid.uuid4().hex}")
+            seed=None if body.seed is None else body.seed + i, stop=stop, logprobs=logprobs,
+            top_logprobs=top_logprobs, request_id=f"cmpl-{uuid.uuid4().hex}") for i in range(body.n)]
 
     def submit_error(e: Exception) -> APIError:
         if isinstance(e, QueueFull):
@@ -258,22 +257,55 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             return APIError(503, f"engine unavailable: {e}", "server_error")
         return APIError(400, str(e))
 
-    async def start_stream(req: GenerationRequest):
-        """Submit now and wait for the first delta, so queue/closed/validation errors become HTTP errors."""
-        try:
-            gen = engine.stream(req)
-            return gen, await gen.__anext__()
-        except (EngineError, ValueError) as e:
-            raise submit_error(e) from None
+    async def start_streams(reqs: list[GenerationRequest]):
+        """Submit every choice now (together, so they share one prefill) and wait for their first deltas, so
+        queue/closed/validation errors become HTTP errors. Returns the streams and their first deltas."""
+        gens = [engine.stream(r) for r in reqs]
+        heads = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+        bad = next((h for h in heads if isinstance(h, BaseException)), None)
+        if bad is not None:
+            for g in gens:
+                await g.aclose()  # cancels the choices that did start
+            if isinstance(bad, (EngineError, ValueError)):
+                raise submit_error(bad) from None
+            raise bad
+        return gens, heads
 
-    async def collect(request: Request, req: GenerationRequest) -> tuple[list[Delta], str]:
-        """Collect a whole generation; cancel it if the client goes away meanwhile."""
-        deltas: list[Delta] = []
-        stream = engine.stream(req)
+    async def merged(gens, heads) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice index, delta) from all streams as they arrive; closing it cancels what is still running."""
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen, head: Delta) -> None:
+            await q.put((i, head))
+            if head.finish_reason is None:
+                async for d in gen:
+                    await q.put((i, d))
+            await q.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, g, h)) for i, (g, h) in enumerate(zip(gens, heads))]
+        try:
+            running = len(tasks)
+            while running:
+                i, d = await q.get()
+                if d is None:
+                    running -= 1
+                else:
+                    yield i, d
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # a generator cannot close while a task awaits it
+            for g in gens:
+                await g.aclose()
+
+    async def collect(request: Request, reqs: list[GenerationRequest]) -> list[list[Delta]]:
+        """Every choice's deltas; cancel them all if the client goes away meanwhile."""
+        deltas: list[list[Delta]] = [[] for _ in reqs]
+        stream = merged(*await start_streams(reqs))
 
         async def consume():
-            async for d in stream:
-                deltas.append(d)
+            async for i, d in stream:
+                deltas[i].append(d)
 
         task = asyncio.create_task(consume())
         while not task.done():
@@ -281,27 +313,29 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             if not task.done() and await request.is_disconnected():
                 task.cancel()
                 await stream.aclose()
-                engine.cancel(req.request_id)
+                for r in reqs:
+                    engine.cancel(r.request_id)
                 raise APIError(499, "client disconnected")
-        try:
-            task.result()
-        except (EngineError, ValueError) as e:  # queue full, engine closed, bad request: an HTTP error
-            raise submit_error(e) from None
-        if deltas and deltas[-1].finish_reason == "error":
-            raise APIError(500, f"generation failed: {deltas[-1].error}", "server_error")
-        return deltas, "".join(d.text for d in deltas)
+        task.result()
+        failed = next((ds[-1] for ds in deltas if ds and ds[-1].finish_reason == "error"), None)
+        if failed is not None:
+            raise APIError(500, f"generation failed: {failed.error}", "server_error")
+        return deltas
 
-    def log_done(kind: str, req: GenerationRequest, n_out: int, finish: str | None, t0: float, text: str = ""):
+    def log_done(kind: str, req: GenerationRequest, n_out: int, finish: list, t0: float, texts: list[str] = ()):
         dt = time.monotonic() - t0
         http.add(kind, 200, dt)
-        extra = f" prompt_ids={req.prompt_ids!r} completion={text!r}" if cfg.log_text else ""
+        extra = f" prompt_ids={req.prompt_ids!r} completions={list(texts)!r}" if cfg.log_text else ""
         log.info("%s %s prompt_tokens=%d completion_tokens=%d finish=%s %.3fs%s", kind, req.request_id,
-                 len(req.prompt_ids), n_out, finish, dt, extra)
+                 len(req.prompt_ids), n_out, ",".join(map(str, finish)), dt, extra)
 
-    def usage(req: GenerationRequest, n_out: int, last: Delta | None) -> dict:
+    def cached_of(collected: list[list[Delta]]) -> int:
+        """Prompt tokens served from cache: the prompt is counted once, so the most any choice reused."""
+        return max((ds[-1].cached_tokens for ds in collected if ds), default=0)
+
+    def usage(req: GenerationRequest, n_out: int, cached: int) -> dict:
         return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n_out,
-                "total_tokens": len(req.prompt_ids) + n_out,
-                "prompt_tokens_details": {"cached_tokens": last.cached_tokens if last is not None else 0}}
+                "total_tokens": len(req.prompt_ids) + n_out, "prompt_tokens_details": {"cached_tokens": cached}}
 
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -352,64 +386,66 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
         max_tokens = body.max_completion_tokens or body.max_tokens
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-        req = build_request(body, prompt_ids, max_tokens, None, body.logprobs, body.top_logprobs or 0)
+        reqs = build_requests(body, prompt_ids, max_tokens, None, body.logprobs, body.top_logprobs or 0)
+        req = reqs[0]
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            first, head = await start_stream(req)
-        else:
-            deltas, text = await collect(request, req)
 
         if not body.stream:
-            n_out = sum(len(d.token_ids) for d in deltas)
-            finish = deltas[-1].finish_reason if deltas else "stop"
-            content = guard.ensure_guidance(user_text, text) if guard is not None else text
-            lps = [x for d in deltas for x in (d.logprobs or [])] if body.logprobs else None
-            tops = [x for d in deltas for x in (d.top_logprobs or [])] if body.top_logprobs else None
-            log_done("/v1/chat/completions", req, n_out, finish, t0, content)
+            choices, n_out, finishes, contents = [], 0, [], []
+            collected = await collect(request, reqs)
+            for i, deltas in enumerate(collected):
+                text = "".join(d.text for d in deltas)
+                n_out += sum(len(d.token_ids) for d in deltas)
+                finishes.append(deltas[-1].finish_reason if deltas else "stop")
+                contents.append(guard.ensure_guidance(user_text, text) if guard is not None else text)
+                lps = [x for d in deltas for x in (d.logprobs or [])] if body.logprobs else None
+                tops = [x for d in deltas for x in (d.top_logprobs or [])] if body.top_logprobs else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": contents[-1]},
+                                "logprobs": lp_content([t for d in deltas for t in d.token_ids], lps, tops),
+                                "finish_reason": finishes[-1]})
+            log_done("/v1/chat/completions", req, n_out, finishes, t0, contents)
             return {"id": cid, "object": "chat.completion", "created": created, "model": cfg.served_model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                 "logprobs": lp_content([t for d in deltas for t in d.token_ids], lps, tops),
-                                 "finish_reason": finish}],
-                    "usage": usage(req, n_out, deltas[-1] if deltas else None)}
+                    "choices": choices, "usage": usage(req, n_out, cached_of(collected))}
 
+        gens, heads = await start_streams(reqs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+        def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created,
                         "model": cfg.served_model_name,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+                        "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
         async def events():
-            n_out, text, finish = 0, "", None
+            texts, finishes = [""] * len(reqs), [None] * len(reqs)
+            n_out = cached = 0
+            stream = merged(gens, heads)
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                d: Delta | None = head
-                while d is not None:
+                for i in range(len(reqs)):
+                    yield chunk(i, {"role": "assistant", "content": ""})
+                async for i, d in stream:
                     if d.finish_reason == "error":
                         yield sse({"error": {"message": f"generation failed: {d.error}", "type": "server_error"}})
                         return
                     n_out += len(d.token_ids)
-                    text += d.text
+                    cached = max(cached, d.cached_tokens)
+                    texts[i] += d.text
                     if d.text or (body.logprobs and d.token_ids):
-                        yield chunk({"content": d.text}, None,
+                        yield chunk(i, {"content": d.text}, None,
                                     lp_content(d.token_ids, d.logprobs, d.top_logprobs) if body.logprobs else None)
                     if d.finish_reason is not None:
-                        finish = d.finish_reason
-                        break
-                    d = await first.__anext__()
-                if guard is not None:
-                    suffix = guard.guidance_suffix(user_text, text)
-                    if suffix:
-                        text += suffix
-                        yield chunk({"content": suffix})
-                yield chunk({}, finish)
+                        suffix = guard.guidance_suffix(user_text, texts[i]) if guard is not None else ""
+                        if suffix:
+                            texts[i] += suffix
+                            yield chunk(i, {"content": suffix})
+                        finishes[i] = d.finish_reason
+                        yield chunk(i, {}, d.finish_reason)
                 if include_usage:
                     yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                               "model": cfg.served_model_name, "choices": [], "usage": usage(req, n_out, d)})
+                               "model": cfg.served_model_name, "choices": [], "usage": usage(req, n_out, cached)})
                 yield "data: [DONE]\n\n"
-                log_done("/v1/chat/completions", req, n_out, finish, t0, text)
-            finally:  # client disconnect lands here (CancelledError/GeneratorExit): free the slot
-                await first.aclose()
+                log_done("/v1/chat/completions", req, n_out, finishes, t0, texts)
+            finally:  # client disconnect lands here (CancelledError/GeneratorExit): cancel, free the slots
+                await stream.aclose()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -426,7 +462,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                 raise APIError(400, f"prompt: token ids must be in [0, {engine.vocab_size})", param="prompt")
         if not prompt_ids:
             raise APIError(400, "prompt: empty", param="prompt")
-        req = build_request(body, prompt_ids, body.max_tokens, 16, body.logprobs is not None, body.logprobs or 0)
+        reqs = build_requests(body, prompt_ids, body.max_tokens, 16, body.logprobs is not None, body.logprobs or 0)
+        req = reqs[0]
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def top_map(top: list[tuple[int, float]]) -> dict[str, float]:
@@ -435,53 +472,55 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
                 m.setdefault(tokenizer.decode([a]), v)
             return m
 
-        def choice(text: str, finish: str | None, token_ids=None, lps=None, tops=None) -> dict:
+        def choice(i: int, text: str, finish: str | None, token_ids=None, lps=None, tops=None) -> dict:
             lp = None
             if body.logprobs is not None and lps is not None:
                 lp = {"tokens": [tokenizer.decode([t]) for t in token_ids], "token_logprobs": lps}
                 if tops:
                     lp["top_logprobs"] = [top_map(top) for top in tops]
-            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
-        if body.stream:
-            gen, head = await start_stream(req)
-        else:
-            deltas, text = await collect(request, req)
         if not body.stream:
-            n_out = sum(len(d.token_ids) for d in deltas)
-            finish = deltas[-1].finish_reason if deltas else "stop"
-            log_done("/v1/completions", req, n_out, finish, t0, text)
-            toks = [t for d in deltas for t in d.token_ids]
-            lps = [x for d in deltas for x in (d.logprobs or [])]
-            tops = [x for d in deltas for x in (d.top_logprobs or [])]
+            choices, n_out, finishes, texts = [], 0, [], []
+            collected = await collect(request, reqs)
+            for i, deltas in enumerate(collected):
+                texts.append("".join(d.text for d in deltas))
+                n_out += sum(len(d.token_ids) for d in deltas)
+                finishes.append(deltas[-1].finish_reason if deltas else "stop")
+                choices.append(choice(i, texts[-1], finishes[-1], [t for d in deltas for t in d.token_ids],
+                                      [x for d in deltas for x in (d.logprobs or [])],
+                                      [x for d in deltas for x in (d.top_logprobs or [])]))
+            log_done("/v1/completions", req, n_out, finishes, t0, texts)
             return {"id": cid, "object": "text_completion", "created": created, "model": cfg.served_model_name,
-                    "choices": [choice(text, finish, toks, lps, tops)],
-                    "usage": usage(req, n_out, deltas[-1] if deltas else None)}
+                    "choices": choices, "usage": usage(req, n_out, cached_of(collected))}
+
+        gens, heads = await start_streams(reqs)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
-            n_out, d = 0, head
+            finishes = [None] * len(reqs)
+            n_out = cached = 0
+            stream = merged(gens, heads)
             try:
-                while d is not None:
+                async for i, d in stream:
                     if d.finish_reason == "error":
                         yield sse({"error": {"message": f"generation failed: {d.error}", "type": "server_error"}})
                         return
                     n_out += len(d.token_ids)
+                    cached = max(cached, d.cached_tokens)
+                    finishes[i] = d.finish_reason
                     if d.text or d.finish_reason:
                         yield sse({"id": cid, "object": "text_completion", "created": created,
                                    "model": cfg.served_model_name,
-                                   "choices": [choice(d.text, d.finish_reason, d.token_ids, d.logprobs,
+                                   "choices": [choice(i, d.text, d.finish_reason, d.token_ids, d.logprobs,
                                                       d.top_logprobs)]})
-                    if d.finish_reason is not None:
-                        break
-                    d = await gen.__anext__()
                 if include_usage:
                     yield sse({"id": cid, "object": "text_completion", "created": created,
-                               "model": cfg.served_model_name, "choices": [], "usage": usage(req, n_out, d)})
+                               "model": cfg.served_model_name, "choices": [], "usage": usage(req, n_out, cached)})
                 yield "data: [DONE]\n\n"
-                log_done("/v1/completions", req, n_out, d.finish_reason if d else None, t0)
+                log_done("/v1/completions", req, n_out, finishes, t0)
             finally:
-                await gen.aclose()
+                await stream.aclose()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
