@@ -247,3 +247,24 @@ def test_token_split_keeps_merged_boundary_in_continuation():
     tok = WordTokenizer()
     ctx, cont = loglik_requests("Q\nAnswer:", " A", tok)
     assert ctx == tok.encode("Q\nAnswer:") and cont == tok.encode(" A") and len(cont) == 1
+
+
+def test_self_consistency_majority_vote():
+    """3 samples per question (a question's replies side by side): the vote, its tie rule, first-sample accuracy,
+    agreement."""
+    items = [MCQItem(str(i), f"q{i}", tuple(OPTS4), idx) for i, idx in enumerate([1, 0, 2])]
+    task = MCQTask("medqa", items)
+    chat = ScriptedChat([
+        "The answer is A.", "The answer is B.", "The answer is B.",   # q0
+        "The answer is A.", "The answer is C.", "The answer is B.",   # q1
+        "I'm unsure", "The answer is D.", "The answer is C.",   # q2
+    ])
+    result = evaluate_generative(task, chat, MCQConfig(protocol="generative", samples=3, temperature=0.7))
+    # q0: A,B,B -> B (gold B); q1: A,C,B -> tie, first given A (gold A); q2: -,D,C -> tie, D (gold C)
+    assert [p["pred"] for p in result["predictions"]] == ["B", "A", "D"]
+    assert result["predictions"][2]["votes"] == [None, "D", "C"]
+    assert result["acc"]["correct"] == 2 and result["acc_first_sample"]["correct"] == 1
+    assert result["vote_agreement"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert len(chat.conversations) == 9 and chat.conversations[0] == chat.conversations[2] != chat.conversations[3]
+    with pytest.raises(ValueError, match="temperature"):
+        evaluate_generative(task, chat, MCQConfig(protocol="generative", samples=3, temperature=0.0))

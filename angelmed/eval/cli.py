@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     mcq.add_argument("--protocol", choices=["loglik", "generative"], default=None,
                      help="default: loglik for a local checkpoint, generative for an endpoint")
     mcq.add_argument("--shots", type=int, default=0, help="few-shot exemplars from the dev split (mmlu, cmmlu)")
+    mcq.add_argument("--samples", type=int, default=1,
+                     help="generative: answers per question, majority vote (self-consistency; needs --temperature)")
     mcq.add_argument("--pubmedqa-file", default=None, help="PQA-L JSON in ori_pqal.json layout (default: trainval)")
     mcq.add_argument("--max-batch-tokens", type=int, default=8192, help="loglik batch size in tokens")
 
@@ -180,8 +182,11 @@ def run_mcq_cmd(args) -> int:
         raise SystemExit(f"angelmed eval mcq: unknown task(s) {unknown}; known: {', '.join(ALL_TASKS)}")
     protocol = args.protocol or ("generative" if args.endpoint else "loglik")
     root = resolve_data_root(args.data_root)
+    if args.samples < 1 or (args.samples > 1 and (protocol != "generative" or args.temperature <= 0)):
+        raise SystemExit(f"angelmed eval mcq: --samples {args.samples} needs --protocol generative and "
+                         f"--temperature > 0 (got {protocol}, temperature {args.temperature})")
     config = MCQConfig(protocol=protocol, shots=args.shots, limit=args.limit, max_tokens=args.max_tokens,
-                       temperature=args.temperature, system_prompt=_system_prompt(args))
+                       temperature=args.temperature, system_prompt=_system_prompt(args), samples=args.samples)
     if protocol == "loglik":
         backend, tokenizer = loglik_backend(args)
     else:

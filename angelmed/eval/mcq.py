@@ -2,11 +2,15 @@
 
 Every result carries its protocol (loglik/generative, shots, temperature), a 95% Wilson interval, the chance and
 majority-class baselines, per-subject accuracy, and for PubMedQA macro-F1 with a bootstrap interval.
+
+Self-consistency (generative, `samples` > 1): every question is answered `samples` times at temperature > 0 and the
+most frequent parsed answer counts (ties: the one given first); the result adds the accuracy of the first sample
+alone and how often the samples agree with the vote.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 
 from angelmed.eval.backends import ChatBackend, LoglikBackend, Tokenizer
@@ -27,6 +31,7 @@ class MCQConfig:
     max_tokens: int = 1024  # generative only
     temperature: float = 0.0  # generative only (greedy by default)
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # generative only
+    samples: int = 1  # generative only: answers per question, majority vote (self-consistency)
     n_bootstrap: int = 1000
     seed: int = 0
 
@@ -64,7 +69,10 @@ def predict_loglik(task: MCQTask, items: list[MCQItem], backend: LoglikBackend, 
 
 
 def predict_generative(task: MCQTask, items: list[MCQItem], backend: ChatBackend,
-                       config: MCQConfig) -> list[int | None]:
+                       config: MCQConfig) -> list[list[int | None]]:
+    """Parsed answers per item, `config.samples` of them (None: no answer found in that reply)."""
+    if config.samples > 1 and config.temperature <= 0:
+        raise ValueError(f"samples={config.samples} needs temperature > 0 (greedy answers would all agree)")
     conversations = []
     for item in items:
         turns = []
@@ -74,16 +82,28 @@ def predict_generative(task: MCQTask, items: list[MCQItem], backend: ChatBackend
                       {"role": "assistant", "content": f"The answer is {answer}."}]
         system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
         conversations.append(system + turns + [{"role": "user", "content": generative_prompt(task.name, item)}])
-    replies = backend.generate(conversations, config.max_tokens, config.temperature)
-    predictions: list[int | None] = []
-    for item, reply in zip(items, replies):
+    # all samples in one call, a question's samples side by side: the engine prefills each prompt once for them
+    k = config.samples
+    replies = backend.generate([c for c in conversations for _ in range(k)], config.max_tokens, config.temperature)
+    votes: list[list[int | None]] = [[] for _ in items]
+    for n, reply in enumerate(replies):
+        item = items[n // k]
         if task.is_yes_no_maybe:
             label = extract_label(reply)
-            predictions.append(PUBMEDQA_LABELS.index(label) if label else None)
+            votes[n // k].append(PUBMEDQA_LABELS.index(label) if label else None)
         else:
             letter = extract_choice(reply, list(item.options))
-            predictions.append(LETTERS.index(letter) if letter else None)
-    return predictions
+            votes[n // k].append(LETTERS.index(letter) if letter else None)
+    return votes
+
+
+def majority(votes: list[int | None]) -> int | None:
+    """The most frequent parsed answer; ties go to the one given first; None when no sample parsed."""
+    counts = Counter(v for v in votes if v is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(v for v in votes if v is not None and counts[v] == top)
 
 
 def accuracy_block(gold: list[int], predicted: list[int | None]) -> dict:
@@ -144,4 +164,14 @@ def evaluate_loglik(task: MCQTask, backend: LoglikBackend, tokenizer: Tokenizer,
 
 def evaluate_generative(task: MCQTask, backend: ChatBackend, config: MCQConfig) -> dict:
     items = _items(task, config)
-    return summarize(task, items, predict_generative(task, items, backend, config), config)
+    votes = predict_generative(task, items, backend, config)
+    predicted = [majority(v) for v in votes]
+    result = summarize(task, items, predicted, config)
+    if config.samples > 1:
+        result["acc_first_sample"] = accuracy_block([item.answer_index for item in items], [v[0] for v in votes])
+        agree = [sum(x == p for x in v) / len(v) for v, p in zip(votes, predicted) if p is not None]
+        result["vote_agreement"] = sum(agree) / len(agree) if agree else 0.0
+        for row, v in zip(result["predictions"], votes):
+            row["votes"] = [None if x is None else (PUBMEDQA_LABELS[x] if task.is_yes_no_maybe else LETTERS[x])
+                            for x in v]
+    return result
