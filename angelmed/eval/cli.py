@@ -208,6 +208,9 @@ def run_mcq_cmd(args) -> int:
         write_json_atomic(out, result)
         acc = result["acc"]
         extra = f", macro-F1 {result['macro_f1']['value']:.4f}" if "macro_f1" in result else ""
+        if "acc_first_sample" in result:
+            extra += (f", vote of {args.samples} (one sample: {result['acc_first_sample']['value']:.4f}, "
+                      f"agreement {result['vote_agreement']:.2f})")
         print(f"{task_name} ({protocol}, {args.shots}-shot): acc {acc['value']:.4f} "
               f"[{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}] n={result['n']}{extra} -> {out}")
     return 0
