@@ -297,6 +297,9 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None, fp8: boo
                  if m else [(name, t)])
         for n, x in items:
             x = x.detach().cpu()
+            if x.dtype == torch.int8:
+                raise CheckpointError("model holds int8 weights (a serving mode, angelmed.infer.int8): save the "
+                                      "checkpoint it was loaded from instead")
             if x.dtype == torch.float8_e4m3fn or n.endswith("_scale_inv"):  # FP8-resident model (infer/quant.py)
                 if not fp8:
                     raise CheckpointError("model holds FP8 weights; save with fp8=True or call "

@@ -39,6 +39,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--fp8", choices=["dequant", "resident"], default="dequant",
                    help="block-FP8 checkpoints: dequantise at load, or keep the weights resident in FP8")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only at load: half the weight memory, faster CPU decode, small error")
     p.add_argument("--no-safety", action="store_true", help="turn the medical safety layer off")
     p.add_argument("--log-text", action="store_true", help="log prompt and completion text (off by default)")
     p.add_argument("--log-level", default="info")
@@ -157,16 +159,23 @@ def make_drafter(model, draft: str | None, dtype: str | None = None, device: str
 
 def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = None, dtype: str | None = None,
                  device: str = "cpu", draft: str | None = None, spec_tokens: int = 3, max_queue: int = 256,
-                 compile: bool = False, tokenizer=None, fp8: str = "dequant"):
+                 compile: bool = False, tokenizer=None, fp8: str = "dequant", quantize: str | None = None):
     """Model + tokenizer + engine for a checkpoint directory (shared by serve and chat).
 
     fp8: how a block-FP8 checkpoint runs: "dequant" (once, at load; fastest on CPUs) or "resident" (weights stay
-    FP8 and are dequantised per block inside each linear: half the weight memory)."""
+    FP8 and are dequantised per block inside each linear: half the weight memory).
+    quantize: "int8" for int8 weight-only projections and experts (angelmed.infer.int8)."""
     from angelmed.infer.backends import load_tokenizer
     from angelmed.infer.engine import Engine
     from angelmed.infer.quant import load_fp8
 
+    if quantize and fp8 == "resident":
+        raise ValueError("--quantize int8 and --fp8 resident are two ways to hold the weights: choose one")
     model = load_fp8(model_dir, mode=fp8, dtype=dtype, device=device)
+    if quantize == "int8":
+        from angelmed.infer.int8 import quantize_int8_
+
+        quantize_int8_(model)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     drafter = make_drafter(model, draft, dtype, device)
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
@@ -207,7 +216,8 @@ def main(argv: list[str]) -> int:
 
     try:
         engine, tokenizer = build_engine(args.model_dir, args.max_batch, args.max_seq_len, args.dtype, args.device,
-                                         args.draft, args.spec_tokens, args.max_queue, args.compile, fp8=args.fp8)
+                                         args.draft, args.spec_tokens, args.max_queue, args.compile, fp8=args.fp8,
+                                         quantize=args.quantize)
     except (FileNotFoundError, ValueError) as e:  # missing tokenizer/weights, bad config or draft: say which
         print(f"angelmed serve: {e}", file=sys.stderr)
         return 2
@@ -233,6 +243,7 @@ def chat(argv: list[str]) -> int:
     p.add_argument("--draft", default=None, help="'mtp' or a draft checkpoint dir (speculative decoding)")
     p.add_argument("--no-safety", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles before the prompt)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only (half the weight memory)")
     args = p.parse_args(argv)
 
     from rich.console import Console
@@ -246,7 +257,8 @@ def chat(argv: list[str]) -> int:
     console.print(Panel(MEDICAL_ADVISORY, title="angelmed", border_style="yellow"))
     try:
         engine, tokenizer = build_engine(args.model_dir, max_batch=1, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                                         device=args.device, draft=args.draft, compile=args.compile)
+                                         device=args.device, draft=args.draft, compile=args.compile,
+                                         quantize=args.quantize)
     except (FileNotFoundError, ValueError) as e:
         print(f"angelmed chat: {e}", file=sys.stderr)
         return 2
