@@ -92,3 +92,17 @@ def test_engine_runs_int8_eager_and_compiled():
     assert [r.token_ids for r in eager] == [r.token_ids for r in compiled]
     solo = Engine(model, max_batch=1, max_seq_len=64)
     assert eager[0].token_ids == solo.generate([GenerationRequest(ps[0], max_tokens=10, stop_ids=[])])[0].token_ids
+
+
+def test_build_engine_quantizes_on_request(tmp_path):
+    from angelmed.serve.cli import build_engine
+    from test_engine import ByteTokenizer
+
+    save_model(tiny_model(0), tmp_path / "m")
+    engine, _ = build_engine(str(tmp_path / "m"), max_batch=2, max_seq_len=64, tokenizer=ByteTokenizer(),
+                             quantize="int8")
+    assert is_int8(engine.model)
+    out = engine.generate([GenerationRequest([1, 2, 3], max_tokens=4, stop_ids=[])])[0]
+    assert len(out.token_ids) == 4
+    with pytest.raises(ValueError, match="choose one"):
+        build_engine(str(tmp_path / "m"), tokenizer=ByteTokenizer(), fp8="resident", quantize="int8")
