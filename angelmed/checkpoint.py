@@ -171,36 +171,45 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
     return model
 
 
-def load_state(model: Transformer, path: str | os.PathLike, strict: bool = True) -> None:
-    """Fill `model` from a checkpoint directory, checking names and shapes; FP8 tensors are dequantised."""
+def load_state(model: Transformer, path: str | os.PathLike, strict: bool = True, assign=None,
+               expected: set[str] | None = None) -> None:
+    """Fill `model` from a checkpoint directory, checking names and shapes; FP8 tensors are dequantised as soon as
+    their scales arrive (memory holds one pair at a time). assign(params, name, tensor, path) stores a tensor
+    (default `_assign`); expected: the checkpoint names the model needs (default: from its own state dict)."""
     path = Path(path)
+    assign = assign or _assign
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     params = {k: v for k, v in params.items() if k != "inv_freq"}
-    expected = _checkpoint_names(model)
+    expected = expected if expected is not None else _checkpoint_names(model)
     scales: dict[str, torch.Tensor] = {}
     pending_fp8: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     unknown: list[str] = []
+
+    def store(name: str, tensor: torch.Tensor) -> None:
+        if name not in expected:
+            unknown.append(name)
+            return
+        assign(params, name, tensor, path)
+        seen.add(name)
+
     for name, tensor in iter_checkpoint(path):
         if name.endswith("_scale_inv"):
-            scales[name[: -len("_scale_inv")]] = tensor
-            continue
-        if tensor.dtype == torch.float8_e4m3fn:
-            pending_fp8[name] = tensor
-            continue
-        if name not in expected:
-            unknown.append(name)
-            continue
-        _assign(params, name, tensor, path)
-        seen.add(name)
-    for name, q in pending_fp8.items():
-        if name not in scales:
-            raise CheckpointError(f"{path}: FP8 tensor {name!r} has no {name}_scale_inv")
-        if name not in expected:
-            unknown.append(name)
-            continue
-        _assign(params, name, dequantize_fp8_block(q, scales[name]), path)
-        seen.add(name)
+            base = name[: -len("_scale_inv")]
+            if base in pending_fp8:
+                store(base, dequantize_fp8_block(pending_fp8.pop(base), tensor))
+            else:
+                scales[base] = tensor
+        elif tensor.dtype == torch.float8_e4m3fn:
+            if name in scales:
+                store(name, dequantize_fp8_block(tensor, scales.pop(name)))
+            else:
+                pending_fp8[name] = tensor
+        else:
+            store(name, tensor)
+    if pending_fp8:
+        name = next(iter(pending_fp8))
+        raise CheckpointError(f"{path}: FP8 tensor {name!r} has no {name}_scale_inv")
     missing = sorted(expected - seen)
     if strict and (unknown or missing):
         msg = [f"{path}: checkpoint does not match the config"]

@@ -106,3 +106,19 @@ def test_build_engine_quantizes_on_request(tmp_path):
     assert len(out.token_ids) == 4
     with pytest.raises(ValueError, match="choose one"):
         build_engine(str(tmp_path / "m"), tokenizer=ByteTokenizer(), fp8="resident", quantize="int8")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_load_int8_streams_to_the_same_model(tmp_path, fp8):
+    """Quantising tensor by tensor while loading (BF16 or block-FP8 checkpoint) gives exactly the model that
+    loading in full and then quantising gives."""
+    from angelmed.checkpoint import load_model
+    from angelmed.infer.int8 import load_int8
+
+    save_model(tiny_model(0), tmp_path / "m", dtype="bfloat16", fp8=fp8, shards=2)
+    streamed = load_int8(tmp_path / "m")
+    full = quantize_int8_(load_model(tmp_path / "m", dtype="bfloat16"))
+    a, b = streamed.state_dict(), full.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

@@ -9,17 +9,21 @@ On CPU the projections run `torch._weight_int8pack_mm` (int8 weights read as the
 GEMV at one row, measured) and routed experts run per expert; under `torch.compile` few (token, expert) pairs
 gather int8 weights and dequantise inside the fused kernel. Elsewhere weights are dequantised per call.
 
-This is a runtime mode (`angelmed serve/chat --quantize int8`): the model is quantised after loading, one module
-at a time, so loading peaks at the checkpoint's own size. Checkpoints are not written in int8.
+This is a runtime mode (`angelmed serve/chat --quantize int8`): `load_int8` quantises a BF16/FP32 or block-FP8
+checkpoint tensor by tensor as it streams from the memory-mapped files, so memory never holds more than the int8
+model and one tensor. Checkpoints are not written in int8.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from angelmed.model import Experts, Transformer
+from angelmed.model import Experts, Transformer, rope_parameters
 
 QMAX = 127
 
@@ -140,3 +144,42 @@ def quantize_int8_(model: Transformer) -> Transformer:
 
 def is_int8(model: nn.Module) -> bool:
     return any(isinstance(m, (Int8Linear, Int8Experts)) for m in model.modules())
+
+
+def load_int8(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu") -> Transformer:
+    """A checkpoint directory loaded straight into an int8 model (same result as `quantize_int8_(load_model(...))`):
+    built on the meta device, then each tensor is cast to `dtype` (default: the config's; BF16 for FP8
+    checkpoints) and quantised as it is read."""
+    from angelmed.checkpoint import CheckpointError, _assign, _checkpoint_names, _dtype, _target, load_state
+    from angelmed.config import ModelConfig
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(path)!r} not found")
+    cfg = ModelConfig.from_json(path)
+    dtype = _dtype(dtype or ("bfloat16" if cfg.quantization_config else cfg.torch_dtype))
+    with torch.device("meta"):
+        model = Transformer(cfg.replace(quantization_config=None))
+    model.to(dtype=dtype)
+    expected = _checkpoint_names(model)
+    quantize_int8_(model)  # on meta: int8 modules of the right shapes, nothing computed
+    model.to_empty(device=device)
+    model.inv_freq = rope_parameters(cfg)[0].to(device)
+
+    def assign(params: dict[str, Tensor], name: str, tensor: Tensor, where: Path) -> None:
+        target, expert = _target(params, name)
+        if params[target].dtype != torch.int8:
+            return _assign(params, name, tensor, where)
+        q_dst, s_dst = params[target], params[target + "_scale"]
+        if expert is not None:
+            q_dst, s_dst = q_dst[expert], s_dst[expert]
+        if tuple(q_dst.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the config expects {tuple(q_dst.shape)}")
+        q, s = quantize_rows(tensor.to(dtype), s_dst.dtype)  # what the model in `dtype` would hold, quantised
+        q_dst.copy_(q)
+        s_dst.copy_(s)
+
+    with torch.no_grad():
+        load_state(model, path, assign=assign, expected=expected)
+    return model.eval()

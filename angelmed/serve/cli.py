@@ -171,11 +171,12 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
 
     if quantize and fp8 == "resident":
         raise ValueError("--quantize int8 and --fp8 resident are two ways to hold the weights: choose one")
-    model = load_fp8(model_dir, mode=fp8, dtype=dtype, device=device)
-    if quantize == "int8":
-        from angelmed.infer.int8 import quantize_int8_
+    if quantize == "int8":  # quantised tensor by tensor while streaming from disk
+        from angelmed.infer.int8 import load_int8
 
-        quantize_int8_(model)
+        model = load_int8(model_dir, dtype=dtype, device=device)
+    else:
+        model = load_fp8(model_dir, mode=fp8, dtype=dtype, device=device)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     drafter = make_drafter(model, draft, dtype, device)
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
