@@ -2,6 +2,7 @@
 
 The same weights run as BF16 and quantised with `angelmed.infer.int8.quantize_int8_` (what `serve --quantize
 int8` does). Speed: the serving engine, greedy, `--new-tokens` per request at each batch size, best of `--reps`.
+Load: peak memory growth of loading a BF16 checkpoint into int8, streamed (`load_int8`) vs load-then-quantise.
 Error, on held-out-style text through a full forward: next-token agreement (argmax) with BF16 and the mean
 |log p_int8 - log p_bf16| of the BF16 argmax token. A trained model (`--model DIR`, e.g. the speedrun's) makes the
 error meaningful; without one, random-init presets measure speed only (their near-uniform logits flip easily).
@@ -53,6 +54,45 @@ def error(ref, quant, ids) -> dict:
                                                   .abs().mean())}
 
 
+LOAD_PEAK = """
+import re, sys, threading, time, torch
+from angelmed.checkpoint import load_model
+from angelmed.infer.int8 import load_int8, quantize_int8_
+def anon():  # anonymous resident memory (the mapped checkpoint's clean file pages are not counted)
+    return int(re.search(r"RssAnon:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+before, peak, done = anon(), [0], False
+def watch():
+    while not done:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.0005)
+t = threading.Thread(target=watch)
+t.start()
+model = load_int8(sys.argv[1]) if sys.argv[2] == "stream" else quantize_int8_(load_model(sys.argv[1]))
+done = True
+t.join()
+print(max(peak[0], anon()) - before)
+"""
+
+
+def load_peak_bytes(model: Transformer) -> dict:
+    """Peak anonymous memory growth (sampled) of loading a BF16 checkpoint into int8: streamed vs load-then-quantise,
+    each in a fresh process."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from angelmed.checkpoint import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, f"{d}/m", dtype="bfloat16")
+        out = {}
+        for how in ("stream", "load_then_quantize"):
+            r = subprocess.run([sys.executable, "-c", LOAD_PEAK, f"{d}/m", how], capture_output=True, text=True,
+                               check=True)
+            out[how] = int(r.stdout.strip().splitlines()[-1])
+    return {"load_peak_bytes_streamed": out["stream"], "load_peak_bytes_load_then_quantize": out["load_then_quantize"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["small", "base-100m"])
@@ -80,6 +120,10 @@ def main() -> None:
         row["bytes_ratio"] = round(row["weight_bytes_int8"] / row["weight_bytes_bf16"], 3)
         if kind == "model":
             row.update(error(base, quant, torch.randint(0, V, (4, 128), generator=g)))
+        row.update(load_peak_bytes(base))
+        print(f"[{name}] loading into int8: peak memory growth {row['load_peak_bytes_streamed'] / 2**20:.0f} MiB "
+              f"streamed vs {row['load_peak_bytes_load_then_quantize'] / 2**20:.0f} MiB load-then-quantise",
+              flush=True)
         print(f"[{name}] weights {row['weight_bytes_bf16'] / 2**20:.1f} MiB bf16 -> "
               f"{row['weight_bytes_int8'] / 2**20:.1f} MiB int8 (x{row['bytes_ratio']})" +
               (f"; argmax agreement {row['argmax_agreement']:.3f}, mean |d log p| "
