@@ -213,6 +213,10 @@ class Experts(nn.Module):
             return self._grouped_eager(x_TD, idx_Tk, w_Tk)
         return self._grouped(x_TD, idx_Tk, w_Tk)
 
+    def grouped_in_graph(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether the grouped path stays inside a compiled graph (else it is an eager island: a graph break)."""
+        return device.type == "cuda" or dtype == torch.bfloat16
+
     def gather_pays(self, pairs: int) -> bool:
         """Reading weights per (token, expert) pair beats a grouped GEMM while pairs <= experts (measured on CPU:
         compiled decode 1.2-2.2x faster up to there, slower past it, where pairs re-read shared experts)."""

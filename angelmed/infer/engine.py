@@ -800,8 +800,9 @@ class Engine:
         the grouped GEMM there, which is slower than the eager step (measured)."""
         if self._decode_compiled is None:
             return False
-        return (self.device.type == "cuda" or self.dtype == torch.bfloat16 or self._experts is None
-                or self._experts.gather_pays(n * tokens_per_row * self.cfg.num_experts_per_tok))
+        if self._experts is None or self._experts.gather_pays(n * tokens_per_row * self.cfg.num_experts_per_tok):
+            return True
+        return self._experts.grouped_in_graph(self.dtype, self.device)
 
     def _decode_step(self) -> None:
         n = self.active_prefix()

@@ -120,6 +120,9 @@ class Int8Experts(Experts):
 
     _grouped_eager = torch.compiler.disable(_grouped)
 
+    def grouped_in_graph(self, dtype: torch.dtype, device: torch.device) -> bool:
+        return False  # per-expert int8 matmuls with a host sync: an eager island, slower than the eager step
+
     def extra_repr(self) -> str:
         E, I, D = self.gate_proj.shape
         return f"experts={E}, dim={D}, hidden={I}, int8 per-row scales"
