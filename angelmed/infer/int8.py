@@ -88,16 +88,20 @@ class Int8Experts(Experts):
         return self._grouped_eager(x_TD, idx_Tk, w_Tk)
 
     def _gathered(self, x_TD, idx_Tk, w_Tk):
-        dt = x_TD.dtype  # dequantising the gathered rows fuses into the product under compile
-        g, u, d = (self.dequantized(n, idx_Tk, dt) for n in ("gate_proj", "up_proj", "down_proj"))
+        # int8 rows read where they lie; a row's scale multiplies its dot product, not each weight; fp32 sums
+        # (compiled on CPU: 116 us per base-100m layer at one token, against 177 dequantising first, 230 in bf16)
+        f32 = torch.float32
+        g, u, d = (getattr(self, n)[idx_Tk].to(f32) for n in ("gate_proj", "up_proj", "down_proj"))
+        sg, su, sd = (getattr(self, f"{n}_scale")[idx_Tk].to(f32) for n in ("gate_proj", "up_proj", "down_proj"))
+        x = x_TD.float()
         if torch.compiler.is_compiling():
-            x = x_TD[:, None, None, :]
-            h_TkI = F.silu((g * x).sum(-1)) * (u * x).sum(-1)
-            y_TkD = (d * h_TkI[:, :, None, :]).sum(-1)
+            x4 = x[:, None, None, :]
+            h_TkI = F.silu((g * x4).sum(-1) * sg) * ((u * x4).sum(-1) * su)
+            y_TkD = (d * h_TkI[:, :, None, :]).sum(-1) * sd
         else:
-            h_TkI = F.silu(torch.einsum("tkid,td->tki", g, x_TD)) * torch.einsum("tkid,td->tki", u, x_TD)
-            y_TkD = torch.einsum("tkdi,tki->tkd", d, h_TkI)
-        return (y_TkD.float() * w_Tk[..., None]).sum(1)
+            h_TkI = F.silu(torch.einsum("tkid,td->tki", g, x) * sg) * (torch.einsum("tkid,td->tki", u, x) * su)
+            y_TkD = torch.einsum("tkdi,tki->tkd", d, h_TkI) * sd
+        return (y_TkD * w_Tk[..., None]).sum(1)
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
         T, k = idx_Tk.shape
