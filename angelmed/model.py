@@ -234,31 +234,45 @@ class Experts(nn.Module):
         return (y_TkD.float() * w_Tk[..., None]).sum(1)
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
-        T, k = idx_Tk.shape
-        E = self.gate_proj.shape[0]
-        flat = idx_Tk.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // k
-        counts_E = _count(flat, E)
-        x_sorted = x_TD[token]
-        if _use_grouped_mm(x_sorted, self.gate_proj.shape[1]):
-            offs = counts_E.cumsum(0).to(torch.int32)
-            h = F.silu(torch._grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), offs=offs))
-            h = h * torch._grouped_mm(x_sorted, self.up_proj.transpose(1, 2), offs=offs)
-            y_sorted = torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
+        E, hidden = self.gate_proj.shape[:2]
+        if _use_grouped_mm(x_TD, hidden):
+            def ffn(x_sorted, counts_E):
+                offs = counts_E.cumsum(0).to(torch.int32)
+                h = F.silu(torch._grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), offs=offs))
+                h = h * torch._grouped_mm(x_sorted, self.up_proj.transpose(1, 2), offs=offs)
+                return torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
         else:
-            y_sorted = torch.empty_like(x_sorted)
-            start = 0
-            for e, n in enumerate(counts_E.tolist()):  # host sync: fine on CPU and in prefill/training
-                if n:
-                    xs = x_sorted[start:start + n]
-                    h = F.silu(xs @ self.gate_proj[e].T) * (xs @ self.up_proj[e].T)
-                    y_sorted[start:start + n] = h @ self.down_proj[e].T
-                    start += n
-        y_weighted = y_sorted.float() * w_Tk.reshape(-1)[order, None]
-        return torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device).index_add_(0, token, y_weighted)
+            ffn = expert_loop(lambda e, xs: (F.silu(xs @ self.gate_proj[e].T) * (xs @ self.up_proj[e].T))
+                              @ self.down_proj[e].T)
+        return sorted_by_expert(x_TD, idx_Tk, w_Tk, E, ffn)
 
     _grouped_eager = torch.compiler.disable(_grouped)
+
+
+def sorted_by_expert(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, num_experts: int, ffn) -> Tensor:
+    """Routed-expert output with the (token, expert) pairs sorted by expert: ffn(x_sorted, counts_E) -> y_sorted
+    computes every pair's expert FFN; each result is weighted by its gate and summed back per token (fp32)."""
+    T, k = idx_Tk.shape
+    flat = idx_Tk.reshape(-1)
+    order = flat.argsort(stable=True)
+    token = order // k
+    y_sorted = ffn(x_TD[token], _count(flat, num_experts))
+    y_weighted = y_sorted.float() * w_Tk.reshape(-1)[order, None]
+    return torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device).index_add_(0, token, y_weighted)
+
+
+def expert_loop(ffn_e):
+    """An ffn for `sorted_by_expert` that runs ffn_e(e, rows) on each used expert's rows (one host sync for the
+    counts: fine on CPU and in prefill/training)."""
+    def ffn(x_sorted: Tensor, counts_E: Tensor) -> Tensor:
+        y_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                y_sorted[start:start + n] = ffn_e(e, x_sorted[start:start + n])
+                start += n
+        return y_sorted
+    return ffn
 
 
 def _count(idx: Tensor, n: int) -> Tensor:

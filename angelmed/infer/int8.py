@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from angelmed.model import Experts, Transformer, rope_parameters
+from angelmed.model import Experts, Transformer, expert_loop, rope_parameters, sorted_by_expert
 
 QMAX = 127
 
@@ -104,23 +104,12 @@ class Int8Experts(Experts):
         return (y_TkD * w_Tk[..., None]).sum(1)
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
-        T, k = idx_Tk.shape
-        flat = idx_Tk.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // k
-        x_sorted = x_TD[token]
-        y_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for e, n in enumerate(torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()):  # host sync
-            if n:
-                xs = x_sorted[start:start + n]
-                s = lambda name: getattr(self, f"{name}_scale")[e].to(xs.dtype)  # noqa: E731
-                h = F.silu(_int8_mm(xs, self.gate_proj[e], s("gate_proj"))) * _int8_mm(xs, self.up_proj[e],
-                                                                                      s("up_proj"))
-                y_sorted[start:start + n] = _int8_mm(h, self.down_proj[e], s("down_proj"))
-                start += n
-        y_weighted = y_sorted.float() * w_Tk.reshape(-1)[order, None]
-        return torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device).index_add_(0, token, y_weighted)
+        def ffn_e(e: int, xs: Tensor) -> Tensor:
+            g, u, d = ((getattr(self, n)[e], getattr(self, f"{n}_scale")[e].to(xs.dtype))
+                       for n in ("gate_proj", "up_proj", "down_proj"))
+            return _int8_mm(F.silu(_int8_mm(xs, *g)) * _int8_mm(xs, *u), *d)
+
+        return sorted_by_expert(x_TD, idx_Tk, w_Tk, self.gate_proj.shape[0], expert_loop(ffn_e))
 
     _grouped_eager = torch.compiler.disable(_grouped)
 

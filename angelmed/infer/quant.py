@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from angelmed.checkpoint import (FP8_BLOCK, FP8_MAX, CheckpointError, _dtype, iter_checkpoint, load_model,
                                  quantize_fp8_block)
 from angelmed.config import ModelConfig
-from angelmed.model import MLP, Attention, Experts, MoE, Transformer, rope_parameters
+from angelmed.model import (MLP, Attention, Experts, MoE, Transformer, expert_loop, rope_parameters,
+                            sorted_by_expert)
 
 log = logging.getLogger(__name__)
 
@@ -244,22 +245,11 @@ class FP8Experts(_KeepsFP8):
         return (y_TkD.float() * w_Tk[..., None]).sum(1)
 
     def _per_expert(self, x_TD, idx_Tk, w_Tk):
-        T, k = idx_Tk.shape
-        E = self.gate_proj.shape[0]
-        flat = idx_Tk.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // k
-        x_sorted = x_TD[token]
-        y_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for e, n in enumerate(torch.bincount(flat, minlength=E).tolist()):  # host sync: prefill only
-            if n:
-                xs, dt = x_sorted[start:start + n], x_TD.dtype
-                h = F.silu(xs @ self.dequantized("gate_proj", e, dt).T) * (xs @ self.dequantized("up_proj", e, dt).T)
-                y_sorted[start:start + n] = h @ self.dequantized("down_proj", e, dt).T
-                start += n
-        y_weighted = y_sorted.float() * w_Tk.reshape(-1)[order, None]
-        return torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device).index_add_(0, token, y_weighted)
+        def ffn_e(e: int, xs: Tensor) -> Tensor:  # only the experts some token uses are dequantised
+            g, u, d = (self.dequantized(n, e, xs.dtype) for n in ("gate_proj", "up_proj", "down_proj"))
+            return (F.silu(xs @ g.T) * (xs @ u.T)) @ d.T
+
+        return sorted_by_expert(x_TD, idx_Tk, w_Tk, self.gate_proj.shape[0], expert_loop(ffn_e))
 
     def extra_repr(self) -> str:
         E, I, D = self.gate_proj.shape
