@@ -67,7 +67,8 @@ def test_two_ranks_match_one_process(tmp_path, data_dir, checkpointing):
 def test_grpo_two_ranks_match_one_process(tmp_path):
     """Data-parallel rollouts + FSDP2 update: the same rollouts, rewards, held-out reward, losses and weights as one
     process. 3 micro-batches over 2 ranks, so rank 1 runs a zero-weight padding pass; dynamic sampling drops the
-    odd prompts' groups (constant reward) and refills from a second generation batch."""
+    odd prompts' groups (constant reward) and refills from a second generation batch; the KL reference (beta > 0)
+    is sharded like the policy."""
     from test_grpo import write_prompts
 
     prompts = write_prompts(tmp_path / "prompts.jsonl")
@@ -79,7 +80,7 @@ def test_grpo_two_ranks_match_one_process(tmp_path):
             return [0.5 if kk % 2 else r for kk, r in zip(k, low_id_share(prompts, completions, completion_ids))]
         def go(run_dir):
             cfg = tiny_cfg(Path(run_dir), prompts=Path({str(prompts)!r}), dynamic_sampling=True, max_gen_batches=2,
-                           eval_size=6)
+                           eval_size=6, beta=0.05)
             cfg.data.micro_batch_size, cfg.train.steps, cfg.train.eval_every = 12, 3, 3
             run(cfg, rewards=[half_constant])
     """
@@ -97,11 +98,12 @@ def test_grpo_two_ranks_match_one_process(tmp_path):
     ms, mm = metrics(single / "run"), metrics(multi / "run")
     assert [r["step"] for r in ms] == [r["step"] for r in mm] and len(ms) >= 3
     assert ms[0]["heldout_reward"] is not None and any(r.get("gen_batches") == 2 for r in ms)
+    assert any(r.get("kl", 0) > 0 for r in ms)
     for a, b in zip(ms, mm):
         for key in ("reward_mean", "completions", "groups_kept", "gen_batches", "active_tokens", "tokens",
                     "heldout_reward"):
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
-        for key in ("loss", "grad_norm", "entropy", "ratio_mean", "routing_disagree"):
+        for key in ("loss", "grad_norm", "entropy", "ratio_mean", "routing_disagree", "kl"):
             if a.get(key) is not None:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
     ws = load_model(latest_checkpoint(single / "run") / "model").state_dict()  # fp32 (the export is bf16)

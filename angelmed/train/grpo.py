@@ -25,7 +25,8 @@ losses and the MTP loss are always off here.
 
 Several ranks (torchrun): training is FSDP2-sharded as in the other stages; rollouts are data-parallel. Each rank
 generates and scores the prompts i = rank (mod world) of every generation batch on its own full-weight rollout copy
-(gathered from the shards before each rollout, so the model must fit one device in the rollout dtype), then all
+(gathered from the shards before each rollout, so the model must fit one device in the rollout dtype; the KL
+reference is sharded like the policy), then all
 ranks gather the whole batch: dynamic sampling, advantages and logged statistics are computed on the global batch,
 identically everywhere. The update's micro-batches are dealt out round-robin; every rank runs the same number of
 forward/backward passes (a rank with fewer adds zero-weight passes, as FSDP's collectives need), and each
@@ -131,8 +132,12 @@ class GRPOTrainer(Trainer):
                              stop_ids=stop_ids_of(self.tokenizer))
         self.ref_model = None
         if g.beta > 0:  # a frozen copy of the starting weights (the same after a resume)
-            self.ref_model = build_model(self.cfg.model).to(self.info.device, self.train_dtype).eval()
-            self.ref_model.requires_grad_(False)
+            ref = build_model(self.cfg.model).to(self.info.device)
+            if self.info.world_size > 1:  # sharded like the policy: each rank holds 1/world of it
+                tdist.shard_model(ref, self.cfg.train.precision)
+            else:
+                ref = ref.to(self.train_dtype)
+            self.ref_model = ref.eval().requires_grad_(False)
         self.pad_id = getattr(self.tokenizer, "pad_id", None) or 0
         self.flops_per_token = 0.0  # MFU of a rollout+update step is not meaningful; see train_time_s instead
 
