@@ -276,11 +276,13 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, gen, head: Delta) -> None:
-            await q.put((i, head))
-            if head.finish_reason is None:
-                async for d in gen:
-                    await q.put((i, d))
-            await q.put((i, None))
+            try:
+                await q.put((i, head))
+                if head.finish_reason is None:
+                    async for d in gen:
+                        await q.put((i, d))
+            finally:  # even if the stream raised: the merge must not wait for it forever
+                q.put_nowait((i, None))
 
         tasks = [asyncio.create_task(pump(i, g, h)) for i, (g, h) in enumerate(zip(gens, heads))]
         try:
