@@ -394,3 +394,18 @@ def test_identical_prompts_prefill_once_and_sample_independently(model, monkeypa
         assert all(torch.equal(a, b) for a, b in zip(r.routing, alone.routing))
     assert group[4].token_ids == solo.generate([GenerationRequest(q, seed=9, **req)])[0].token_ids
     assert len({tuple(r.token_ids) for r in group[:4]}) > 1
+
+
+def test_prefix_reuse_copies_a_high_slot_prefix_into_a_covered_slot(model):
+    """A chat whose cache sits in slot 3 continues alone: its prefix is copied into slot 0 (decode steps then run
+    one row, not four); the reply equals a full-prompt greedy decode and slot 3 keeps its cache."""
+    ps = prompts(5, seed=12)
+    eng = Engine(model, max_batch=4, max_seq_len=128)
+    first = eng.generate([GenerationRequest(p, max_tokens=6, stop_ids=[]) for p in ps[:4]])
+    chat3 = ps[3] + first[3].token_ids
+    assert eng.cached_ids[3] == chat3[:-1]
+    turn = chat3 + ps[4]
+    res = eng.generate([GenerationRequest(turn, max_tokens=8, stop_ids=[])])[0]
+    assert res.cached_tokens == len(chat3) - 2
+    assert res.token_ids == greedy_ref(model, turn, 8)
+    assert eng.cached_ids[0] == (turn + res.token_ids)[:-1] and eng.cached_ids[3] == chat3[:-1]

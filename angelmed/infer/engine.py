@@ -636,7 +636,7 @@ class Engine:
         if not free:
             return
         batch: list[tuple[int, RequestHandle]] = []
-        reuse: list[int] = []
+        reuse: list[tuple[int, int]] = []  # per admitted request: (source slot, prompt tokens its cache holds)
         budget = self.max_prefill_tokens
         live = [i for i, s in enumerate(self.slots) if s is not None]
         with self._lock:
@@ -644,30 +644,32 @@ class Engine:
             covered = bucket(max(max(live, default=-1) + 1, len(live) + min(len(self._pending), len(free))),
                              self.max_batch)
             while self._pending and free:
-                slot, r = self._pick_slot(free, self._pending[0].request, covered)
+                slot, src, r = self._pick_slot(free, self._pending[0].request, covered)
                 n = len(self._pending[0].request.prompt_ids) - r
                 if batch and n > budget:
                     break
                 budget -= n
                 free.remove(slot)
                 batch.append((slot, self._pending.popleft()))
-                reuse.append(r)
+                reuse.append((src, r))
         if batch:
             self._prefill(batch, reuse)
 
-    def _pick_slot(self, free: list[int], req: GenerationRequest, covered: int) -> tuple[int, int]:
-        """(slot, prompt tokens whose K/V it holds). The free slot sharing the longest prompt prefix (2+ tokens);
-        else, among the rows decode steps cover, an empty slot, then the one freed longest ago; else the lowest.
-        (A slot beyond the covered rows would make every decode step run more rows.)"""
+    def _pick_slot(self, free: list[int], req: GenerationRequest, covered: int) -> tuple[int, int, int]:
+        """(slot, source slot, prompt tokens whose K/V the source holds). The source is the free slot sharing the
+        longest prompt prefix (2+ tokens). The slot is the source when it lies among the rows decode steps cover;
+        else (a slot past them would make every decode step run more rows) the prefix is copied into one that does:
+        an empty one first, then the one freed longest ago."""
+        src, n = -1, 0
         if self.prefix_reuse and not req.record_routing:  # [routing record] needs every prompt token processed
-            n, neg_slot = max((common_prefix_len(self.cached_ids[i], req.prompt_ids), -i) for i in free)
-            n = min(n, len(req.prompt_ids) - 1)  # the last prompt token always runs: its logits are sampled
-            if n >= 2:
-                return -neg_slot, n
+            n, neg = max((common_prefix_len(self.cached_ids[i], req.prompt_ids), -i) for i in free)
+            src, n = -neg, min(n, len(req.prompt_ids) - 1)  # the last prompt token always runs: it is sampled
+            if n < 2:
+                src, n = -1, 0
         inside = [i for i in free if i < covered]
-        if not inside:
-            return free[0], 0
-        return min(inside, key=lambda i: (bool(self.cached_ids[i]), self._freed_at[i], i)), 0
+        if 0 <= src < covered or not inside:
+            return (src if src >= 0 else free[0]), src, n
+        return min(inside, key=lambda i: (bool(self.cached_ids[i]), self._freed_at[i], i)), src, n
 
     def _set_slot_params(self, slots: list[int], reqs: list[GenerationRequest]) -> Tensor:
         dev = self.device
@@ -685,18 +687,19 @@ class Engine:
             self.seen_BV[row, torch.tensor(r.prompt_ids, device=dev)] = True
         return idx
 
-    def _prefill(self, batch: list[tuple[int, RequestHandle]], reuse: list[int]) -> None:
+    def _prefill(self, batch: list[tuple[int, RequestHandle]], reuse_from: list[tuple[int, int]]) -> None:
         slots = [i for i, _ in batch]
+        reuse = [r for _, r in reuse_from]
         reqs = [h.request for _, h in batch]
         lens = [len(r.prompt_ids) for r in reqs]
         dev = self.device
-        for slot in slots:  # from here on the slot's old K/V are being overwritten
+        for slot in slots:  # from here on these slots' old K/V are being overwritten (sources are read first)
             self.cached_ids[slot] = []
         # Identical rows (a GRPO group, several samples of one prompt) are computed once: row j is unique row
-        # src[j], first seen at row uniq[src[j]]. Each row still samples with its own settings and seed.
+        # uniq_of[j], first seen at row uniq[uniq_of[j]]. Each row still samples with its own settings and seed.
         first: dict[tuple, int] = {}
-        src = [first.setdefault((tuple(r.prompt_ids), u), len(first)) for r, u in zip(reqs, reuse)]
-        uniq = [src.index(u) for u in range(len(first))]
+        uniq_of = [first.setdefault((tuple(r.prompt_ids), u), len(first)) for r, u in zip(reqs, reuse)]
+        uniq = [uniq_of.index(u) for u in range(len(first))]
         # positions each row computes: all of its prompt, or with reuse r position 0 and r.. (1..r-1 are cached)
         run = [[0, *range(reuse[j], lens[j])] if reuse[j] else list(range(lens[j])) for j in uniq]
         T = max(map(len, run))
@@ -710,16 +713,16 @@ class Engine:
         tmp = self.model.make_caches(len(uniq), max(lens[j] + T - len(p) for j, p in zip(uniq, run)))
         for u, j in enumerate(uniq):
             if reuse[j]:
-                self.kv.read_prefix(slots[j], reuse[j], tmp, u)
+                self.kv.read_prefix(reuse_from[j][0], reuse[j], tmp, u)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers
         keep = self.spec.feature_layers if self.spec is not None else ()
         out = self.model(ids, pos_BT=pos, caches=tmp, compute_logits=False, keep_layers=keep)
-        src_t = torch.tensor(src, device=dev)
+        uniq_t = torch.tensor(uniq_of, device=dev)
         last = torch.tensor([len(p) - 1 for p in run], device=dev)
         # only each row's last position is sampled: skip the lm_head (and a [m,T,V] fp32 tensor) elsewhere
-        logits = last_logits = self.model.logits_from_hidden(out.hidden[src_t, last[src_t]])
+        logits = last_logits = self.model.logits_from_hidden(out.hidden[uniq_t, last[uniq_t]])
         idx = self._set_slot_params(slots, reqs)
-        self.kv.write_rows(idx, tmp, src_t)
+        self.kv.write_rows(idx, tmp, uniq_t)
         if any(r.repetition_penalty != 1 for r in reqs):
             logits = apply_repetition_penalty(logits, self.seen_BV[idx], self.pen_B[idx])
         sample = any(r.temperature > 0 for r in reqs)
@@ -727,7 +730,7 @@ class Engine:
         tok = pick_tokens(logits, self.temp_B[idx], self.topk_B[idx], self.topp_B[idx], self.seed_B[idx],
                           self.counter_B[idx], sample, filt)
         if self.spec is not None:
-            self.spec.absorb_prompt(idx, ids[src_t], self.spec.features(out)[src_t], lens, tok)  # [spec hook]
+            self.spec.absorb_prompt(idx, ids[uniq_t], self.spec.features(out)[uniq_t], lens, tok)  # [spec hook]
         self.tok_B[idx] = tok
         self.pos_B[idx] = torch.tensor(lens, device=dev)
         self.active_B[idx] = 1
@@ -749,7 +752,7 @@ class Engine:
             ids_LmTk = _routing_to_host(out.routing, self.cfg.num_experts) if out.router else None
             for j, (slot, h) in enumerate(batch):
                 if h.request.record_routing:
-                    self.slots[slot].routing = [[ids_LmTk[layer, src[j], :lens[j]]]
+                    self.slots[slot].routing = [[ids_LmTk[layer, uniq_of[j], :lens[j]]]
                                                 for layer in range(len(out.router))]
         self._accept_tokens({slot: [host[0][j]] for j, slot in enumerate(slots)},
                             {slot: [host[1][j]] for j, slot in enumerate(slots)} if want_lp else None,
