@@ -13,8 +13,9 @@ batched step serves requests with different settings. Random numbers come from a
 decode step needs no generator objects and no host syncs (it can be compiled).
 
 Prefix reuse: a finished request leaves its tokens' K/V in its slot. A new request whose prompt starts with
-those tokens (the next turn of the same chat, or the same system prompt) is put in that slot and prefills only
-the rest of its prompt. Position 0 is computed again: free slots' decode writes land there.
+those tokens (the next turn of the same chat, or the same system prompt) takes them from that slot (copied into a
+slot among the rows decode steps already cover, if that one lies past them) and prefills only the rest of its
+prompt. Position 0 is computed again: free slots' decode writes land there.
 
 Used by GRPO rollouts and eval (`generate`, blocking), the server (`start()` + `stream()`), and the terminal
 chat. Shape suffixes: B slots, T tokens, V vocab, S cache positions.
