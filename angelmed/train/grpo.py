@@ -23,15 +23,14 @@ router (on that forward's own layer input) select a different expert set than th
 per (token, layer) decision and per token (any layer). Expert-bias updates are frozen by default; router aux
 losses and the MTP loss are always off here.
 
-Several ranks (torchrun): training is FSDP2-sharded as in the other stages; rollouts are data-parallel. Each rank
-generates and scores the prompts i = rank (mod world) of every generation batch on its own full-weight rollout copy
-(gathered from the shards before each rollout, so the model must fit one device in the rollout dtype; the KL
-reference is sharded like the policy), then all
-ranks gather the whole batch: dynamic sampling, advantages and logged statistics are computed on the global batch,
-identically everywhere. The update's micro-batches are dealt out round-robin; every rank runs the same number of
-forward/backward passes (a rank with fewer adds zero-weight passes, as FSDP's collectives need), and each
-back-propagates `world x` its micro-batches' share of the single-process loss, so FSDP's gradient mean equals the
-one-process gradient over the same micro-batches.
+Several ranks (torchrun): training is FSDP2-sharded as in the other stages, and so is the KL reference; rollouts
+are data-parallel. Each rank generates and scores the prompts i = rank (mod world) of every generation batch on its
+own full-weight rollout copy (gathered from the shards before each rollout, so the model must fit one device in the
+rollout dtype), then all ranks gather the whole batch: dynamic sampling, advantages and logged statistics are
+computed on the global batch, identically everywhere. The update's micro-batches are dealt out round-robin; every
+rank runs the same number of forward/backward passes (a rank with fewer adds zero-weight passes, as FSDP's
+collectives need), and each back-propagates `world x` its micro-batches' share of the single-process loss, so
+FSDP's gradient mean equals the one-process gradient over the same micro-batches.
 """
 
 from __future__ import annotations
