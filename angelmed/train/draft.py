@@ -428,7 +428,7 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
             log_metrics(rec)
         if step == t.steps or (t.eval_every and step % t.eval_every == 0):
             evaluate(step)
-    last = history[-1]
+    last = history[-1] if history else first
     summary = {"out_dir": str(out_dir), "best": dict(best), "initial": first, "final": last,
                "train_seconds": time.perf_counter() - t0}
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
