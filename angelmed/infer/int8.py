@@ -5,9 +5,10 @@ and s = max|w_row| / 127 in the activation dtype. Activations stay in BF16/FP32 
 The quantised tensors are the ones the official FP8 converter quantises (attention projections, dense and shared
 MLPs, routed experts); embeddings, lm_head, norms and routers keep the model dtype.
 
-On CPU the projections run `torch._weight_int8pack_mm` (int8 weights read as they lie, 2.5x the rate of a BF16
-GEMV at one row, measured) and routed experts run per expert; under `torch.compile` few (token, expert) pairs
-gather int8 weights and dequantise inside the fused kernel. Elsewhere weights are dequantised per call.
+On CPU the projections run `torch._weight_int8pack_mm` (int8 weights read as they lie, 2.5x the rate of the
+library's BF16 GEMV at one row, measured) and routed experts run per expert; under `torch.compile` few (token,
+expert) pairs read their int8 rows in one fused kernel that scales each dot product. Elsewhere (GPU) weights are
+dequantised per call.
 
 This is a runtime mode (`angelmed serve/chat --quantize int8`): `load_int8` quantises a BF16/FP32 or block-FP8
 checkpoint tensor by tensor as it streams from the memory-mapped files, so memory never holds more than the int8
