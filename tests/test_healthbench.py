@@ -193,3 +193,31 @@ def test_candidate_conversation_prepends_system_prompt():
 def test_cli_local_checkpoint_that_is_not_a_checkpoint_gives_clear_error(tmp_path, data_dir, capsys):
     rc = cli.main(["mcq", "--model", str(tmp_path), "--subset", "medqa", "--data-root", str(data_dir)])
     assert rc == 2 and "config.json" in capsys.readouterr().err
+
+def test_physician_mode_grades_the_ideal_completions():
+    """No backend: each example's physician-written ideal completion is the graded reply (no system prompt);
+    examples without one are skipped and counted."""
+    with_ideal = HealthBenchExample("b", EX_B.prompt, EX_B.rubrics, EX_B.example_tags,
+                                    {"ideal_completion": "See a doctor within 24 hours."})
+    data = HealthBenchData("mem", [with_ideal, EX_REF])  # EX_REF has no ideal completion
+    judge = ScriptedJudge(MET_B)
+    results = run_healthbench(data, None, judge, HealthBenchConfig(system_prompt=None), "physician")
+    assert results["n_skipped_without_ideal_completion"] == 1 and results["n_examples"] == 1
+    assert len(judge.prompts) == len(EX_B.rubrics)
+    assert judge.prompts[0].count("user: q\n\nassistant: See a doctor within 24 hours.\n\n# Rubric item") == 1
+    assert results["score"] == pytest.approx(calculate_score(EX_B.rubrics, MET_B))
+
+
+def test_cli_physician_mode_on_the_local_subset(tmp_path, data_dir, capsys):
+    with StubServer(make_stub_app()) as judge:
+        rc = cli.main(["healthbench", "--physician", "--judge", judge.base_url, "--judge-model", "stub",
+                       "--data-root", str(data_dir), "--limit", "5", "--out", str(tmp_path / "hb.json")])
+    assert rc == 0
+    results = json.loads((tmp_path / "hb.json").read_text())
+    examples = load_healthbench(str(data_dir / "healthbench_subset245" / "healthbench.jsonl")).examples[:5]
+    graded = [ex for ex in examples if (ex.ideal_completions_data or {}).get("ideal_completion")]
+    assert results["candidate"] == "physician ideal completions" and results["n_examples"] == len(graded) > 0
+    assert results["n_skipped_without_ideal_completion"] == 5 - len(graded)
+    expected = [_expected_score(ex, ex.ideal_completions_data["ideal_completion"]) for ex in graded]
+    assert [r["score"] for r in results["per_example"]] == pytest.approx(expected)
+    assert "without an ideal completion" in capsys.readouterr().out

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     hb.add_argument("--examples", type=int, default=None, help="random.Random(0) sample of N examples")
     hb.add_argument("--repeats", type=int, default=1, help="sample and score each example this many times")
     hb.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    hb.add_argument("--physician", action="store_true",
+                    help="grade the physicians' ideal completions instead of a model (the judge's reference score)")
 
     mcq = sub.add_parser("mcq", help="multiple-choice accuracy (loglik or generative)")
     _common(mcq)
@@ -159,7 +161,10 @@ def run_healthbench_cmd(args) -> int:
         data.examples = data.examples[:args.limit]
     config = HealthBenchConfig(n_examples=args.examples, n_repeats=args.repeats, system_prompt=_system_prompt(args),
                                max_tokens=args.max_tokens, temperature=args.temperature, bootstrap_seed=args.seed)
-    backend, name = chat_backend(args)
+    if args.physician:  # the reference answers, shown to the grader without a system prompt
+        backend, name, config.system_prompt = None, "physician ideal completions", None
+    else:
+        backend, name = chat_backend(args)
     judge = make_judge(args, out)
     results = run_healthbench(data, backend, judge, config, name,
                               completions_path=out.with_suffix(".completions.jsonl"))
@@ -167,7 +172,9 @@ def run_healthbench_cmd(args) -> int:
     score = results["score"]
     print(f"HealthBench {args.subset}: score {'n/a' if score is None else f'{score:.4f}'} "
           f"(bootstrap std {results['score:bootstrap_std'] or 0:.4f}, n={results['n_samples']}, "
-          f"excluded {results['n_excluded_ungraded']}) -> {out}")
+          f"excluded {results['n_excluded_ungraded']}"
+          + (f", {results['n_skipped_without_ideal_completion']} without an ideal completion" if args.physician else "")
+          + f") -> {out}")
     return 0
 
 

@@ -2,6 +2,9 @@
 
 The conversation shown to the grader is exactly what the candidate received (system prompt included) plus its
 reply. Examples with any item the judge could not grade are excluded from the score and counted.
+
+With no backend the candidate is the physicians' ideal completion of each example that has one (the reference's
+physician_completions mode): the same judge's score for it is the anchor a model's score is read against.
 """
 
 from __future__ import annotations
@@ -64,14 +67,27 @@ def generate_candidates(conversations: list[list[dict]], backend: ChatBackend, c
     return [store.get(k) for k in keys]
 
 
-def run_healthbench(data: HealthBenchData, backend: ChatBackend, judge: Judge, config: HealthBenchConfig,
+def ideal_completion(example: HealthBenchExample) -> str | None:
+    text = (example.ideal_completions_data or {}).get("ideal_completion")
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def run_healthbench(data: HealthBenchData, backend: ChatBackend | None, judge: Judge, config: HealthBenchConfig,
                     candidate_name: str, completions_path: str | Path | None = None) -> dict:
-    """Full evaluation; returns the results dict (see `angelmed eval healthbench --out`)."""
+    """Full evaluation; returns the results dict (see `angelmed eval healthbench --out`). backend None: grade the
+    physicians' ideal completions (examples without one are skipped and counted)."""
     examples = select_examples(data.examples, config.n_examples)
+    n_without_ideal = 0
+    if backend is None:
+        n_without_ideal = sum(ideal_completion(ex) is None for ex in examples)
+        examples = [ex for ex in examples if ideal_completion(ex) is not None]
     slots = [ex for _ in range(config.n_repeats) for ex in examples]
     conversations = [candidate_conversation(ex, config.system_prompt) for ex in slots]
     store = CompletionStore(completions_path)
-    responses = generate_candidates(conversations, backend, candidate_name, config, store)
+    if backend is None:
+        responses = [ideal_completion(ex) for ex in slots]
+    else:
+        responses = generate_candidates(conversations, backend, candidate_name, config, store)
 
     prompts, owners = [], []
     for slot, (ex, conv, response) in enumerate(zip(slots, conversations, responses)):
@@ -116,6 +132,7 @@ def run_healthbench(data: HealthBenchData, backend: ChatBackend, judge: Judge, c
         "n_examples": len(examples),
         "n_slots": len(slots),
         "n_excluded_ungraded": sum(r["score"] is None for r in per_example),
+        "n_skipped_without_ideal_completion": n_without_ideal,
         "n_items_ungraded": n_items_ungraded,
         "themes": breakdown(metrics, "theme:"),
         "axes": breakdown(metrics, "axis:"),
