@@ -337,6 +337,9 @@ def test_cli_prints_vllm_and_sglang_commands(tiny_dir, capsys):
     assert cmd[cmd.index("--model-path") + 1] == str(tiny_dir.resolve())
     assert cmd[cmd.index("--speculative-algorithm") + 1] == "NEXTN"
     assert cmd[cmd.index("--speculative-num-draft-tokens") + 1] == "3"
+    assert main([str(tiny_dir), "--backend", "vllm", "--quantize", "int8"]) == 0
+    out = capsys.readouterr()
+    assert "int8" not in out.out and "load-time mode" in out.err  # not passed on; said why
     assert main([str(tiny_dir), "--print-only"]) == 0 and "native server" in capsys.readouterr().out
 
 

@@ -94,6 +94,9 @@ def _engine_warnings(args: argparse.Namespace) -> list[str]:
                        "(it expects LlamaForCausalLMEagle3); the draft is ignored for sglang (docs/draft.md)")
         else:
             out.append("only --draft mtp or an EAGLE-3 draft in SGLang's layout map to SGLang; the draft is ignored")
+    if args.quantize:
+        out.append(f"--quantize {args.quantize} is angelmed's own load-time mode; the {args.backend} command serves "
+                   "the checkpoint as stored (use `angelmed convert --fp8` for a format it loads)")
     return out
 
 
