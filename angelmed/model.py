@@ -208,14 +208,15 @@ class Experts(nn.Module):
         # than a host sync (measured), so eager CPU takes the grouped path.
         if self.gather_pays(T * k) and (x_TD.is_cuda or torch.compiler.is_compiling()):
             return self._gathered(x_TD, idx_Tk, w_Tk)
-        if torch.compiler.is_compiling() and not (  # inductor's CPU grouped GEMM is bf16-only: else an eager island
-                x_TD.is_cuda or x_TD.dtype == torch.bfloat16 and _use_grouped_mm(x_TD, self.gate_proj.shape[1])):
-            return self._grouped_eager(x_TD, idx_Tk, w_Tk)
+        if torch.compiler.is_compiling() and not self.grouped_in_graph(x_TD.dtype, x_TD.device):
+            return self._grouped_eager(x_TD, idx_Tk, w_Tk)  # an eager island: a graph break around it
         return self._grouped(x_TD, idx_Tk, w_Tk)
 
     def grouped_in_graph(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether the grouped path stays inside a compiled graph (else it is an eager island: a graph break)."""
-        return device.type == "cuda" or dtype == torch.bfloat16
+        """Whether the grouped path can stay inside a compiled graph: on CUDA, and where torch._grouped_mm takes
+        these shapes in bf16 (inductor's CPU grouped GEMM is bf16-only)."""
+        E, hidden, dim = self.gate_proj.shape
+        return device.type == "cuda" or (dtype == torch.bfloat16 and _grouped_mm_fits(dim, hidden, dtype, False))
 
     def gather_pays(self, pairs: int) -> bool:
         """Reading weights per (token, expert) pair beats a grouped GEMM while pairs <= experts (measured on CPU:
@@ -281,11 +282,16 @@ def _count(idx: Tensor, n: int) -> Tensor:
 
 
 def _use_grouped_mm(x: Tensor, hidden: int) -> bool:
+    return _grouped_mm_fits(x.shape[-1], hidden, x.dtype, x.is_cuda)
+
+
+def _grouped_mm_fits(dim: int, hidden: int, dtype: torch.dtype, cuda: bool) -> bool:
     # torch._grouped_mm needs 16-byte aligned rows (of x and of the [*, hidden] intermediate); on CUDA it wants
     # bf16. Fall back otherwise.
-    if not hasattr(torch, "_grouped_mm") or (x.shape[-1] * x.element_size()) % 16 or (hidden * x.element_size()) % 16:
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 0
+    if not hasattr(torch, "_grouped_mm") or not size or (dim * size) % 16 or (hidden * size) % 16:
         return False
-    return x.dtype == torch.bfloat16 if x.is_cuda else x.dtype in (torch.float32, torch.bfloat16)
+    return dtype == torch.bfloat16 if cuda else dtype in (torch.float32, torch.bfloat16)
 
 
 @dataclass

@@ -68,7 +68,7 @@ class Int8Linear(nn.Module):
 
 class Int8Experts(Experts):
     """Stacked experts in int8 (gate/up [E, I, D], down [E, D, I]) with per-row scales [E, rows]; the same
-    contract and dispatch rule as `model.Experts` (whose shape-based checks read these int8 tensors)."""
+    contract and dispatch as `model.Experts` (its forward), with int8 gathered and grouped paths."""
 
     def __init__(self, experts: Experts):
         nn.Module.__init__(self)
@@ -81,12 +81,6 @@ class Int8Experts(Experts):
     def dequantized(self, name: str, experts: Tensor | int | slice = slice(None),
                     dtype: torch.dtype = torch.float32) -> Tensor:
         return getattr(self, name)[experts].to(dtype) * getattr(self, f"{name}_scale")[experts].to(dtype)[..., None]
-
-    def forward(self, x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor) -> Tensor:
-        T, k = idx_Tk.shape
-        if self.gather_pays(T * k) and (x_TD.is_cuda or torch.compiler.is_compiling()):
-            return self._gathered(x_TD, idx_Tk, w_Tk)
-        return self._grouped_eager(x_TD, idx_Tk, w_Tk)
 
     def _gathered(self, x_TD, idx_Tk, w_Tk):
         # int8 rows read where they lie; a row's scale multiplies its dot product, not each weight; fp32 sums
