@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import socket
 import sys
 import threading
@@ -357,7 +358,7 @@ def test_terminal_chat_streams_with_advisory(tmp_path, monkeypatch, capsys):
     from angelmed.serve.cli import chat
 
     monkeypatch.setattr(backends, "load_tokenizer", lambda d: make_tokenizer())
-    answers = iter(["Is 39C a fever?", "/exit"])
+    answers = iter(["Is 39C a fever?", "And 40C?", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda *a: next(answers))
     assert chat([str(tiny_dir), "--max-tokens", "5", "--temperature", "0", "--no-safety",
                  "--max-seq-len", "256"]) == 0
@@ -370,6 +371,9 @@ def test_terminal_chat_streams_with_advisory(tmp_path, monkeypatch, capsys):
     assert "Medical advisory" in out and "angelmed>" in out
     shown = "".join(ch for ch in reply if ch.isprintable() and ch != "\ufffd")
     assert shown and shown in out
+    # after each reply: its speed, and the second turn reuses the first turn's K/V
+    stats = re.findall(r"5 tokens, [\d.]+ tok/s; prompt (\d+) tokens, (\d+) from the previous turn's cache", out)
+    assert len(stats) == 2 and stats[0][1] == "0" and 0 < int(stats[1][1]) < int(stats[1][0])
 
 
 def test_serve_without_tokenizer_exits_with_one_line(tmp_path, capsys):

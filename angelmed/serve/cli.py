@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from angelmed import MEDICAL_ADVISORY
@@ -294,10 +295,11 @@ def chat(argv: list[str]) -> int:
             continue
         req = GenerationRequest(ids, max_tokens=min(args.max_tokens, room), **defaults)
         console.print("[bold green]angelmed> [/bold green]", end="")
-        reply = ""
+        reply, n_out, cached, t0 = "", 0, 0, time.perf_counter()
         try:
             for d in engine.stream_sync(req):
                 reply += d.text
+                n_out, cached = n_out + len(d.token_ids), d.cached_tokens
                 console.print(d.text, end="", markup=False, highlight=False)
         except KeyboardInterrupt:  # stop this reply, keep the conversation
             console.print("[dim] (stopped)[/dim]", end="")
@@ -306,5 +308,7 @@ def chat(argv: list[str]) -> int:
             if suffix:
                 reply += suffix
                 console.print(suffix, end="", markup=False, highlight=False)
-        console.print()
+        dt = time.perf_counter() - t0
+        console.print(f"\n[dim]{n_out} tokens, {n_out / dt:.1f} tok/s; prompt {len(ids)} tokens, "
+                      f"{cached} from the previous turn's cache[/dim]")
         messages.append({"role": "assistant", "content": reply})
