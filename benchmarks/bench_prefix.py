@@ -70,19 +70,18 @@ def main() -> None:
     system = rand(args.system_tokens)
     users = [[rand(args.user_tokens) for _ in range(args.turns)] for _ in range(args.conversations)]
     max_len = args.system_tokens + args.turns * (args.user_tokens + args.reply_tokens) + 8
-    engines = {name: Engine(model, max_batch=args.conversations, max_seq_len=max_len, prefix_reuse=reuse)
-               for name, reuse in (("reuse", True), ("full_prefill", False))}
-    best = {name: (float("inf"), 0.0) for name in engines}
-    replies = {}
+    modes = {"reuse": True, "full_prefill": False}
+    best = {name: (float("inf"), 0.0) for name in modes}
+    replies, metrics = {}, {}
     for rep in range(args.reps + 1):  # the first pass warms up
-        for name, eng in engines.items():
-            eng.metrics.prompt_tokens = eng.metrics.prompt_tokens_cached = 0
-            eng.cached_ids = [[] for _ in eng.cached_ids]  # every session starts cold
+        for name, reuse in modes.items():  # a new engine per session: every session starts with empty slots
+            eng = Engine(model, max_batch=args.conversations, max_seq_len=max_len, prefix_reuse=reuse)
             wall, ttft, replies[name] = session(eng, system, users, args.reply_tokens)
+            metrics[name] = eng.metrics
             if rep and wall < best[name][0]:
                 best[name] = (wall, ttft)
     assert replies["reuse"] == replies["full_prefill"], "greedy replies differ with prefix reuse"
-    m = engines["reuse"].metrics
+    m = metrics["reuse"]
     cached_share = m.prompt_tokens_cached / m.prompt_tokens
     (w_r, t_r), (w_f, t_f) = best["reuse"], best["full_prefill"]
     print(f"[{args.preset}] {args.conversations} conversations x {args.turns} turns, system {args.system_tokens}, "
