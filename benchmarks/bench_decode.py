@@ -39,7 +39,9 @@ def decode_bytes_per_token(cfg: ModelConfig, ctx: int, bytes_per: int = 4) -> in
 
 
 def time_engine(model, prompts, new_tokens: int, reps: int, compile: bool = False) -> float:
-    eng = Engine(model, max_batch=len(prompts), max_seq_len=len(prompts[0]) + new_tokens + 8, compile=compile)
+    # no prefix reuse: transformers prefills every run, so the engine does too
+    eng = Engine(model, max_batch=len(prompts), max_seq_len=len(prompts[0]) + new_tokens + 8, compile=compile,
+                 prefix_reuse=False)
     reqs = lambda: [GenerationRequest(p, max_tokens=new_tokens, stop_ids=[]) for p in prompts]  # noqa: E731
     eng.generate(reqs())  # warm-up (and compilation)
     best = float("inf")

@@ -100,8 +100,9 @@ def build_draft(work: Path, target: Path, args) -> Path:
 def make_engine(model, max_len: int, stop_ids, conc: int, drafter=None, k: int = 3, compile: bool = False):
     from angelmed.infer.engine import Engine
 
+    # no prefix reuse for the plain engine either (a drafter turns it off): both prefill every timed run
     eng = Engine(model, max_batch=conc, max_seq_len=max_len, stop_ids=stop_ids, draft=drafter, spec_tokens=k,
-                 compile=compile)
+                 compile=compile, prefix_reuse=False)
     if compile:
         eng.warm_up()
     return eng

@@ -31,7 +31,7 @@ from angelmed.model import Transformer  # noqa: E402
 
 def run(model, prompts, new_tokens: int, draft=None, k: int = 3, temperature: float = 0.0, compile: bool = False):
     eng = Engine(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens + 8,
-                 draft=draft, spec_tokens=k, compile=compile)
+                 draft=draft, spec_tokens=k, compile=compile, prefix_reuse=False)  # both prefill every timed run
     reqs = lambda: [GenerationRequest(p, max_tokens=new_tokens, stop_ids=[], temperature=temperature,  # noqa: E731
                                       seed=i) for i, p in enumerate(prompts)]
     eng.generate(reqs())  # warm-up
