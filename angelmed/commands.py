@@ -64,6 +64,8 @@ def info(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="angelmed info", description="config summary and parameter counts")
     ap.add_argument("model", help="checkpoint directory (or a preset name)")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.add_argument("--gpu-gb", type=float, default=None,
+                    help="GPU memory in GB (e.g. 80): also print the fewest GPUs for BF16 and FP8 weights")
     a = ap.parse_args(argv)
     cfg = get_preset(a.model) if a.model in PRESETS and not Path(a.model).exists() else ModelConfig.from_json(a.model)
     counts = cfg.param_counts()
@@ -78,6 +80,8 @@ def info(argv: list[str]) -> int:
         "params_active": counts["active"], "params_expert_bias_fp32": counts["expert_bias_fp32"],
         **serving_memory(cfg),
     }
+    if a.gpu_gb:
+        summary.update(gpu_plan(summary, a.gpu_gb))
     if a.json:
         print(json.dumps(summary))
         return 0
@@ -86,8 +90,27 @@ def info(argv: list[str]) -> int:
             v = f"{v:,} ({_fmt(v)})"
         elif k.endswith("_bytes"):
             v = f"{v / 2**30:,.2f} GiB" if v >= 2**30 else f"{v / 2**10:,.1f} KiB"
+        elif k.startswith("gpus_"):
+            v = (f"{v['gpus']} x {a.gpu_gb:g} GB, {v['kv_cache_bytes'] / 2**30:,.1f} GiB left for the KV cache "
+                 f"({v['full_context_sequences']} sequences of {cfg.max_position_embeddings} tokens)")
         print(f"{k:>30}: {v}")
     return 0
+
+
+def gpu_plan(summary: dict, gpu_gb: float, usable: float = 0.9) -> dict[str, dict]:
+    """Fewest GPUs (a power of two, for tensor parallelism) whose `usable` share of memory holds the weights, and
+    the KV cache room left: per weight format."""
+    per_gpu = gpu_gb * 1e9 * usable
+    out = {}
+    for fmt in ("bf16", "fp8"):
+        weights = summary[f"weights_{fmt}_bytes"]
+        n = 1
+        while n * per_gpu < weights:
+            n *= 2
+        kv = n * per_gpu - weights
+        out[f"gpus_{fmt}"] = {"gpus": n, "kv_cache_bytes": int(kv),
+                              "full_context_sequences": int(kv // summary["kv_cache_full_context_bytes"])}
+    return out
 
 
 def serving_memory(cfg: ModelConfig) -> dict[str, int]:

@@ -48,6 +48,12 @@ def test_new_info_convert(tmp_path):
     big = json.loads(run("info", "flash-100b", "--json").stdout)  # the published 206 GB BF16 / ~104 GB FP8
     assert abs(big["weights_bf16_bytes"] / 1e9 - 206) < 1 and abs(big["weights_fp8_bytes"] / 1e9 - 104) < 1
     assert big["kv_cache_per_token_bytes"] == 64 * 1024  # 32 layers x 4 kv heads x 128 x (K, V) x bf16
+    for gb, bf16, fp8 in ((141, 2, 1), (80, 4, 2)):  # published: FP8 fits one H200 but not one H100
+        plan = json.loads(run("info", "flash-100b", "--json", "--gpu-gb", gb).stdout)
+        assert (plan["gpus_bf16"]["gpus"], plan["gpus_fp8"]["gpus"]) == (bf16, fp8)
+        room = fp8 * gb * 1e9 * 0.9 - big["weights_fp8_bytes"]
+        assert plan["gpus_fp8"]["kv_cache_bytes"] == int(room)
+        assert plan["gpus_fp8"]["full_context_sequences"] == int(room // (2 * 2**30))  # 2 GiB per 32K sequence
     run("convert", tmp_path / "t", tmp_path / "ts", "--shards", 2)
     assert (tmp_path / "ts" / "model-00002-of-00002.safetensors").is_file()
     ids = np.arange(10)[None]
