@@ -118,7 +118,7 @@ class ScriptedChat:
         self.replies = list(replies)
         self.conversations = []
 
-    def generate(self, conversations, max_tokens, temperature):
+    def generate(self, conversations, max_tokens, temperature, seed=None):
         self.conversations += conversations
         return [self.replies[i % len(self.replies)] for i in range(len(conversations))]
 
@@ -268,3 +268,20 @@ def test_self_consistency_majority_vote():
     assert len(chat.conversations) == 9 and chat.conversations[0] == chat.conversations[2] != chat.conversations[3]
     with pytest.raises(ValueError, match="temperature"):
         evaluate_generative(task, chat, MCQConfig(protocol="generative", samples=3, temperature=0.0))
+
+
+def test_sampled_votes_are_reproducible_with_the_run_seed():
+    """Self-consistency through the local engine: the same run seed gives the same sampled replies, the samples of
+    a question differ from each other, and another seed gives other replies."""
+    from angelmed.infer.backends import LocalChatBackend
+    from test_engine import ByteTokenizer, tiny_model
+
+    backend = LocalChatBackend(tiny_model(0), ByteTokenizer(), max_batch=4, max_seq_len=256)
+    seen, real = [], backend.generate
+    backend.generate = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+    task = MCQTask("medqa", [MCQItem(str(i), f"q{i}", tuple(OPTS4), 0) for i in range(2)])
+    cfg = dict(protocol="generative", samples=3, temperature=1.0, max_tokens=8, system_prompt=None)
+    evaluate_generative(task, backend, MCQConfig(**cfg))
+    evaluate_generative(task, backend, MCQConfig(**cfg))
+    evaluate_generative(task, backend, MCQConfig(**cfg, seed=1))
+    assert seen[0] == seen[1] and len(set(seen[0][:3])) > 1 and seen[2] != seen[0]

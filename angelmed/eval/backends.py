@@ -15,8 +15,10 @@ import torch
 
 @runtime_checkable
 class ChatBackend(Protocol):
-    def generate(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
-        """One assistant reply per conversation (list of {role, content}), in order."""
+    def generate(self, conversations: list[list[dict]], max_tokens: int, temperature: float,
+                 seed: int | None = None) -> list[str]:
+        """One assistant reply per conversation (list of {role, content}), in order; with a seed, conversation i
+        is sampled with seed + i (reproducible sampled answers)."""
         ...
 
 
@@ -51,23 +53,27 @@ class OpenAIChatBackend:
         self.progress = progress
         self.extra_body = extra_body
 
-    def generate(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
-        return asyncio.run(self.agenerate(conversations, max_tokens, temperature))
+    def generate(self, conversations: list[list[dict]], max_tokens: int, temperature: float,
+                 seed: int | None = None) -> list[str]:
+        return asyncio.run(self.agenerate(conversations, max_tokens, temperature, seed))
 
-    async def agenerate(self, conversations: list[list[dict]], max_tokens: int, temperature: float) -> list[str]:
+    async def agenerate(self, conversations: list[list[dict]], max_tokens: int, temperature: float,
+                        seed: int | None = None) -> list[str]:
         from angelmed.judge import map_with_client
 
-        async def one(client, messages: list[dict]) -> str:
+        async def one(client, item: tuple[int, list[dict]]) -> str:
             import openai
 
             from angelmed.judge import backoff_delay
 
+            i, messages = item
+            seeded = {} if seed is None else {"seed": seed + i}
             attempt = 0
             while True:
                 try:
                     response = await client.chat.completions.create(
-                        model=self.model, messages=messages, max_tokens=max_tokens,
-                        temperature=temperature, extra_body=self.extra_body,
+                        model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature,
+                        extra_body=self.extra_body, **seeded,
                     )
                     return (response.choices[0].message.content or "") if response.choices else ""
                 except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
@@ -76,8 +82,8 @@ class OpenAIChatBackend:
                         raise RuntimeError(f"candidate endpoint {self.base_url} failed {attempt} times: {e}") from e
                     await asyncio.sleep(backoff_delay(self.backoff_s, attempt))
 
-        return await map_with_client(self.base_url, self.api_key, self.timeout_s, self.concurrency, conversations,
-                                     one, f"generate ({self.model})", self.progress)
+        return await map_with_client(self.base_url, self.api_key, self.timeout_s, self.concurrency,
+                                     list(enumerate(conversations)), one, f"generate ({self.model})", self.progress)
 
 
 class TorchLoglik:

@@ -33,7 +33,7 @@ class MCQConfig:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # generative only
     samples: int = 1  # generative only: answers per question, majority vote (self-consistency)
     n_bootstrap: int = 1000
-    seed: int = 0
+    seed: int = 0  # bootstrap, and sampled answers (request i of a run uses seed + i)
 
 
 def _items(task: MCQTask, config: MCQConfig) -> list[MCQItem]:
@@ -84,7 +84,8 @@ def predict_generative(task: MCQTask, items: list[MCQItem], backend: ChatBackend
         conversations.append(system + turns + [{"role": "user", "content": generative_prompt(task.name, item)}])
     # all samples in one call, a question's samples side by side: the engine prefills each prompt once for them
     k = config.samples
-    replies = backend.generate([c for c in conversations for _ in range(k)], config.max_tokens, config.temperature)
+    replies = backend.generate([c for c in conversations for _ in range(k)], config.max_tokens, config.temperature,
+                               seed=config.seed if config.temperature > 0 else None)  # reproducible samples
     votes: list[list[int | None]] = [[] for _ in items]
     for n, reply in enumerate(replies):
         item = items[n // k]
