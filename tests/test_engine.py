@@ -409,3 +409,16 @@ def test_prefix_reuse_copies_a_high_slot_prefix_into_a_covered_slot(model):
     assert res.cached_tokens == len(chat3) - 2
     assert res.token_ids == greedy_ref(model, turn, 8)
     assert eng.cached_ids[0] == (turn + res.token_ids)[:-1] and eng.cached_ids[3] == chat3[:-1]
+
+
+def test_prefix_reuse_stays_within_a_cache_salt(model):
+    """Requests with different salts (users) never share cached K/V; the same salt does."""
+    p = prompts(1, seed=13)[0] + prompts(1, seed=14)[0]
+    req = lambda salt: GenerationRequest(p, max_tokens=4, stop_ids=[], cache_salt=salt)  # noqa: E731
+    eng = Engine(model, max_batch=2, max_seq_len=128)
+    first = eng.generate([req("patient-a"), req("patient-b")])  # both slots now hold p, under two salts
+    same, other = eng.generate([req("patient-a"), req("patient-c")])
+    assert same.cached_tokens == len(p) - 2 and other.cached_tokens == 0
+    unsalted = eng.generate([req(None)])[0]
+    assert unsalted.cached_tokens == 0
+    assert first[0].token_ids == same.token_ids == other.token_ids == unsalted.token_ids

@@ -94,6 +94,7 @@ def test_models_health_page(server):
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "Medical advisory" in page.text and "/v1/chat/completions" in page.text
+    assert "cache_salt: cacheSalt" in page.text  # each page keeps its conversation cache to itself
 
 
 def test_chat_non_stream_and_stream(server):
@@ -116,6 +117,10 @@ def test_chat_non_stream_and_stream(server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     # the same prompt again: its K/V were still in the first request's slot (all but positions 0 and the last)
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 2
+    # another user's salt: nothing of the cached conversation is reused (nor revealed by cached_tokens)
+    salted = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, temperature=0,
+                                       extra_body={"cache_salt": "another-user"})
+    assert salted.usage.prompt_tokens_details.cached_tokens == 0
 
     with httpx.stream("POST", url + "/v1/chat/completions", json={
             "model": MODEL, "messages": MSGS, "max_tokens": 4, "temperature": 0, "stream": True}) as resp:

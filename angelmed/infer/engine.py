@@ -84,6 +84,9 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # [routing record] GRPO routing replay (R3): return the expert ids the model chose for this request
     record_routing: bool = False
+    # prefix reuse only between requests with the same salt: give each user (patient, tenant) their own, so no
+    # one can tell from cached_tokens or the time to first token what someone else's conversation began with
+    cache_salt: str | None = None
 
     def validate(self, vocab_size: int) -> None:
         def bad(name: str, why: str):
@@ -420,6 +423,7 @@ class Engine:
         self.slots: list[_Slot | None] = [None] * B
         self.prefix_reuse = prefix_reuse and draft is None
         self.cached_ids: list[list[int]] = [[] for _ in range(B)]  # tokens whose K/V a free slot holds
+        self.cached_salt: list[str | None] = [None] * B  # the cache_salt of the request that left them
         self._freed_at = [0] * B  # engine step at which each slot was last freed (least recently used goes first)
         self._pending: deque[RequestHandle] = deque()
         self._cancel: set[str] = set()
@@ -663,7 +667,8 @@ class Engine:
         an empty one first, then the one freed longest ago."""
         src, n = -1, 0
         if self.prefix_reuse and not req.record_routing:  # [routing record] needs every prompt token processed
-            n, neg = max((common_prefix_len(self.cached_ids[i], req.prompt_ids), -i) for i in free)
+            n, neg = max((common_prefix_len(self.cached_ids[i], req.prompt_ids)
+                          if self.cached_salt[i] == req.cache_salt else 0, -i) for i in free)
             src, n = -neg, min(n, len(req.prompt_ids) - 1)  # the last prompt token always runs: it is sampled
             if n < 2:
                 src, n = -1, 0
@@ -924,6 +929,7 @@ class Engine:
         self._freed_at[i] = self.metrics.steps
         if self.prefix_reuse and s.finish_reason != "error":  # every token but the last one was fed
             self.cached_ids[i] = (list(s.request.prompt_ids) + s.generated[:-1])[:self._cache_len]
+            self.cached_salt[i] = s.request.cache_salt
         if s.finish_reason == "cancelled":
             self.metrics.requests_cancelled += 1
             s.handle._emit(Delta(s.request.request_id, [], "", finish_reason="cancelled"))

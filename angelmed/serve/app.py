@@ -84,6 +84,7 @@ class _SamplingFields(_Lenient):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=16)
+    cache_salt: Optional[str] = Field(None, max_length=256)  # as vLLM: prefix reuse only within the same salt
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -246,7 +247,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServerConfig | None = Non
             repetition_penalty=(body.repetition_penalty if body.repetition_penalty is not None
                                 else d.get("repetition_penalty", 1.0)),
             seed=None if body.seed is None else body.seed + i, stop=stop, logprobs=logprobs,
-            top_logprobs=top_logprobs, request_id=f"cmpl-{uuid.uuid4().hex}") for i in range(body.n)]
+            top_logprobs=top_logprobs, request_id=f"cmpl-{uuid.uuid4().hex}", cache_salt=body.cache_salt)
+            for i in range(body.n)]
 
     def submit_error(e: Exception) -> APIError:
         if isinstance(e, QueueFull):
