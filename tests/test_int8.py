@@ -102,6 +102,10 @@ def test_build_engine_quantizes_on_request(tmp_path):
     engine, _ = build_engine(str(tmp_path / "m"), max_batch=2, max_seq_len=64, tokenizer=ByteTokenizer(),
                              quantize="int8")
     assert is_int8(engine.model)
+    from angelmed.serve.cli import engine_summary
+
+    line = engine_summary(engine)  # the start-up line of `angelmed serve`
+    assert line.startswith("weights int8 ") and "2 slots x 64 tokens" in line and "prefix reuse on" in line
     out = engine.generate([GenerationRequest([1, 2, 3], max_tokens=4, stop_ids=[])])[0]
     assert len(out.token_ids) == 4
     with pytest.raises(ValueError, match="choose one"):

@@ -230,9 +230,26 @@ def main(argv: list[str]) -> int:
                        safety=not args.no_safety, sampling_defaults=_sampling_defaults(args.model_dir))
     app = create_app(engine, tokenizer, cfg)
     print(MEDICAL_ADVISORY, file=sys.stderr)
+    log.info("serving %s as %r: %s", args.model_dir, name, engine_summary(engine))
     # SIGTERM: uvicorn stops accepting, lets open responses finish (bounded), then the lifespan drains the engine
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
     return 0
+
+
+def engine_summary(engine) -> str:
+    """One line an operator checks at start-up: weight format and resident bytes, cache, compile, draft."""
+    import torch
+
+    from angelmed.infer.int8 import is_int8
+
+    model = engine.model
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    fmt = "int8" if is_int8(model) else ("fp8" if any(t.dtype == torch.float8_e4m3fn
+                                                    for t in model.state_dict().values()) else str(engine.dtype)[6:])
+    draft = f"{type(engine.draft).__name__} k={engine.spec_tokens}" if engine.draft is not None else "none"
+    return (f"weights {fmt} {weights / 2**30:.2f} GiB on {engine.device}, {engine.max_batch} slots x "
+            f"{engine.max_seq_len} tokens, prefix reuse {'on' if engine.prefix_reuse else 'off'}, "
+            f"compile {'on' if engine.compile else 'off'}, draft {draft}")
 
 
 # ---- terminal chat -------------------------------------------------------------------------------------------
