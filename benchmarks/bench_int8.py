@@ -25,11 +25,8 @@ from _common import setup
 from angelmed.config import get_preset
 from angelmed.infer.engine import Engine, GenerationRequest
 from angelmed.infer.int8 import quantize_int8_
+from angelmed.infer.quant import resident_weight_bytes
 from angelmed.model import Transformer
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def tok_s(model, prompts, new_tokens: int, reps: int, compile: bool) -> float:
@@ -116,7 +113,8 @@ def main() -> None:
         quant = quantize_int8_(copy.deepcopy(base))
         V = base.config.vocab_size
         g = torch.Generator().manual_seed(0)
-        row = {"model": name, "weight_bytes_bf16": weight_bytes(base), "weight_bytes_int8": weight_bytes(quant)}
+        row = {"model": name, "weight_bytes_bf16": resident_weight_bytes(base)["total"],
+               "weight_bytes_int8": resident_weight_bytes(quant)["total"]}
         row["bytes_ratio"] = round(row["weight_bytes_int8"] / row["weight_bytes_bf16"], 3)
         if kind == "model":
             row.update(error(base, quant, torch.randint(0, V, (4, 128), generator=g)))

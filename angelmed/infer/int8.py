@@ -120,9 +120,9 @@ class Int8Experts(Experts):
 def quantize_int8_(model: Transformer) -> Transformer:
     """In place: swap the converter's tensors for int8 modules, one module at a time (the original weights of
     each are freed as it is replaced)."""
-    from angelmed.infer.quant import _fp8_slots
+    from angelmed.infer.quant import converter_slots
 
-    for parent, attr, ue8m0 in _fp8_slots(model):  # ue8m0 None marks the routed experts
+    for parent, attr, ue8m0 in converter_slots(model):  # ue8m0 None marks the routed experts
         old = getattr(parent, attr)
         if isinstance(old, (Int8Linear, Int8Experts)):
             continue

@@ -20,7 +20,6 @@ experts (gate/up UE8M0). Embeddings, lm_head, norms, router and MTP eh_proj stay
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -30,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from angelmed.checkpoint import (FP8_BLOCK, FP8_MAX, CheckpointError, _dtype, iter_checkpoint, load_model,
-                                 quantize_fp8_block)
+from angelmed.checkpoint import (FP8_BLOCK, FP8_MAX, CheckpointError, _blocks, _dtype, iter_checkpoint,
+                                 load_model, quantize_fp8_block)
 from angelmed.config import ModelConfig
 from angelmed.model import (MLP, Attention, Experts, MoE, Transformer, expert_loop, rope_parameters,
                             sorted_by_expert)
@@ -45,10 +44,6 @@ CHUNK_ELEMS = 1 << 22
 # "auto": block-scaled FP8 GEMM where the hardware has it, else dequantise; "dequant": always dequantise.
 FP8_MATMUL = os.environ.get("ANGELMED_FP8_MATMUL", "auto")
 _scaled_mm_broken = False  # set after a failed kernel call, so we warn once and fall back for good
-
-
-def _blocks(n: int) -> int:
-    return math.ceil(n / FP8_BLOCK)
 
 
 # All 256 e4m3 codes decoded by torch: on CPU a table lookup is ~5x faster than the dtype conversion.
@@ -257,7 +252,7 @@ class FP8Experts(_KeepsFP8):
 
 
 # ---- swapping modules ----------------------------------------------------------------------------------
-def _fp8_slots(model: Transformer) -> list[tuple[nn.Module, str, bool | None]]:
+def converter_slots(model: Transformer) -> list[tuple[nn.Module, str, bool | None]]:
     """(parent, attribute, ue8m0) for every tensor the official converter quantises; ue8m0 None = experts."""
     slots: list[tuple[nn.Module, str, bool | None]] = []
     for module in model.modules():
@@ -272,7 +267,7 @@ def _fp8_slots(model: Transformer) -> list[tuple[nn.Module, str, bool | None]]:
 
 def _swap(model: Transformer, make_linear: Callable[[nn.Linear, bool], nn.Module],
           make_experts: Callable[[Experts], nn.Module]) -> Transformer:
-    for parent, attr, ue8m0 in _fp8_slots(model):
+    for parent, attr, ue8m0 in converter_slots(model):
         old = getattr(parent, attr)
         if isinstance(old, (FP8Linear, FP8Experts)):
             continue  # already quantised
@@ -290,7 +285,7 @@ def quantize_model_(model: Transformer) -> Transformer:
 def dequantize_model_(model: Transformer, dtype: torch.dtype | None = None) -> Transformer:
     """Inverse swap (e.g. before `checkpoint.save_model`, which expects plain modules): nn.Linear / Experts."""
     dtype = dtype or model.model.word_embeddings.weight.dtype
-    for parent, attr, ue8m0 in _fp8_slots(model):
+    for parent, attr, ue8m0 in converter_slots(model):
         m = getattr(parent, attr)
         if isinstance(m, FP8Linear):
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,

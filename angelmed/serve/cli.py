@@ -238,14 +238,13 @@ def main(argv: list[str]) -> int:
 
 def engine_summary(engine) -> str:
     """One line an operator checks at start-up: weight format and resident bytes, cache, compile, draft."""
-    import torch
-
     from angelmed.infer.int8 import is_int8
+    from angelmed.infer.quant import resident_weight_bytes
 
     model = engine.model
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    fmt = "int8" if is_int8(model) else ("fp8" if any(t.dtype == torch.float8_e4m3fn
-                                                    for t in model.state_dict().values()) else str(engine.dtype)[6:])
+    held = resident_weight_bytes(model)
+    weights = held["total"]
+    fmt = "int8" if is_int8(model) else ("fp8" if held["fp8"] else str(engine.dtype)[6:])
     draft = f"{type(engine.draft).__name__} k={engine.spec_tokens}" if engine.draft is not None else "none"
     return (f"weights {fmt} {weights / 2**30:.2f} GiB on {engine.device}, {engine.max_batch} slots x "
             f"{engine.max_seq_len} tokens, prefix reuse {'on' if engine.prefix_reuse else 'off'}, "
