@@ -98,10 +98,16 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos_BT: Tensor, k_BKTd: Tensor, v_BKTd: Tensor) -> tuple[Tensor, Tensor]:
-        idx = pos_BT[:, None, :, None].expand_as(k_BKTd)
-        self.k.scatter_(2, idx, k_BKTd)
-        self.v.scatter_(2, idx, v_BKTd)
-        return self.k, self.v
+        return write_kv(self.k, self.v, pos_BT, k_BKTd, v_BKTd)
+
+
+def write_kv(k_BKSd: Tensor, v_BKSd: Tensor, pos_BT: Tensor, k_BKTd: Tensor, v_BKTd: Tensor) -> tuple[Tensor, Tensor]:
+    """Row b's new keys/values land at positions pos_BT[b]. Indexed assignment, not `scatter_`: on CPU a bf16
+    scatter_ into a cache slice is ~40x slower (222 vs 5.6 us for a 32-row decode step)."""
+    b_B1 = torch.arange(pos_BT.shape[0], device=pos_BT.device)[:, None]
+    k_BKSd[b_B1, :, pos_BT] = k_BKTd.transpose(1, 2)
+    v_BKSd[b_B1, :, pos_BT] = v_BKTd.transpose(1, 2)
+    return k_BKSd, v_BKSd
 
 
 class Attention(nn.Module):
@@ -236,15 +242,18 @@ class Experts(nn.Module):
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
         E, hidden = self.gate_proj.shape[:2]
-        if _use_grouped_mm(x_TD, hidden):
+        if x_TD.dtype == torch.bfloat16 and x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
+            # CPU grouped_mm runs one oneDNN GEMM per expert (~18 us each in bf16): one bmm per weight is
+            # 1.6-2.8x faster up to a few hundred tokens and even past that (measured, E=16..256)
+            ffn = padded_bmm(self.gate_proj, self.up_proj, self.down_proj)
+        elif _use_grouped_mm(x_TD, hidden):
             def ffn(x_sorted, counts_E):
                 offs = counts_E.cumsum(0).to(torch.int32)
                 h = F.silu(torch._grouped_mm(x_sorted, self.gate_proj.transpose(1, 2), offs=offs))
                 h = h * torch._grouped_mm(x_sorted, self.up_proj.transpose(1, 2), offs=offs)
                 return torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
         else:
-            ffn = expert_loop(lambda e, xs: (F.silu(xs @ self.gate_proj[e].T) * (xs @ self.up_proj[e].T))
-                              @ self.down_proj[e].T)
+            ffn = swiglu_loop(self.gate_proj, self.up_proj, self.down_proj)
         return sorted_by_expert(x_TD, idx_Tk, w_Tk, E, ffn)
 
     _grouped_eager = torch.compiler.disable(_grouped)
@@ -273,6 +282,26 @@ def expert_loop(ffn_e):
                 y_sorted[start:start + n] = ffn_e(e, x_sorted[start:start + n])
                 start += n
         return y_sorted
+    return ffn
+
+
+def swiglu_loop(gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor):
+    return expert_loop(lambda e, xs: (F.silu(xs @ gate_EID[e].T) * (xs @ up_EID[e].T)) @ down_EDI[e].T)
+
+
+def padded_bmm(gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor):
+    """An ffn for `sorted_by_expert` as three batched GEMMs over [E, C, D]: each expert's rows padded to the
+    largest count C (one host sync). Past 4x padding (routing far from balanced) it loops over the experts."""
+    def ffn(x_sorted: Tensor, counts_E: Tensor) -> Tensor:
+        (E, R), C = counts_E.shape + x_sorted.shape[:1], int(counts_E.max())
+        if E * C > 4 * R:
+            return swiglu_loop(gate_EID, up_EID, down_EDI)(x_sorted, counts_E)
+        e_R = torch.repeat_interleave(torch.arange(E, device=x_sorted.device), counts_E, output_size=R)
+        slot_R = torch.arange(R, device=x_sorted.device) - (counts_E.cumsum(0) - counts_E)[e_R]
+        x_ECD = x_sorted.new_zeros(E, C, x_sorted.shape[1])
+        x_ECD[e_R, slot_R] = x_sorted
+        h_ECI = F.silu(torch.bmm(x_ECD, gate_EID.transpose(1, 2))) * torch.bmm(x_ECD, up_EID.transpose(1, 2))
+        return torch.bmm(h_ECI, down_EDI.transpose(1, 2))[e_R, slot_R]
     return ffn
 
 

@@ -12,7 +12,7 @@ Throughput: held-out chat prompts (never seen by the target or the draft), greed
 reply with the tokenizer's stop ids; 2 x concurrency requests per measurement (the queue keeps every slot busy),
 best of `--repeats` alternating runs. Greedy outputs with the draft are asserted identical to those without it.
 
-    python benchmarks/bench_draft.py [--target DIR] [--draft DIR] [--k 3] [--threads 1] [--compile]
+    python benchmarks/bench_draft.py [--target DIR] [--draft DIR] [--k 3] [--threads 1] [--compile] [--dtype bfloat16]
 
 Last line: one JSON object.
 """
@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True) for both sides")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and activations of target and draft (bf16: AMX matmuls on CPUs that have them)")
     ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
                     help="shared data root (MedQuAD); without it only the built-in ontology chats are used")
     args = ap.parse_args()
@@ -153,7 +155,7 @@ def main() -> None:
     work = Path(args.work)
     target_dir = Path(args.target) if args.target else build_target(work, args.target_steps, args.threads)
     draft_dir = Path(args.draft) if args.draft else build_draft(work, target_dir, args)
-    model = load_model(target_dir, dtype="float32").eval()
+    model = load_model(target_dir, dtype=args.dtype).eval()
     tok = load_target_tokenizer("auto", str(target_dir), model.config.vocab_size)
     draft = DraftModel.load(draft_dir)
     concs = [int(c) for c in args.concurrency.split(",")]
@@ -173,13 +175,17 @@ def main() -> None:
             prompts = (pool * 2)[:max(2 * c, 8)]
             plain_eng = make_engine(model, max_len, tok.stop_ids, c, compile=args.compile)
             spec_eng = make_engine(model, max_len, tok.stop_ids, c, Eagle3Drafter(model, draft), args.k, args.compile)
-            for eng in (plain_eng, spec_eng):  # warm-up (and, compiled, the graphs for these shapes)
-                measure(eng, prompts[:c], 8)
+            for eng in (plain_eng, spec_eng):  # warm-up: the whole workload once (compiled: the graphs for its shapes)
+                measure(eng, prompts, args.new_tokens)
             best_plain, best_spec, stats = 0.0, 0.0, None
             for _ in range(args.repeats):  # alternate, keep the best of each (other processes share the CPU)
                 plain_tok, tps, _ = measure(plain_eng, prompts, args.new_tokens)
                 spec_tok, sps, st = measure(spec_eng, prompts, args.new_tokens)
-                assert spec_tok == plain_tok, f"concurrency {c}: greedy output with the draft differs"
+                same = sum(a == b for a, b in zip(spec_tok, plain_tok))
+                # fp32: verify and decode round alike, so greedy output must match exactly; bf16 rounds differently
+                # over 1 and k+1 query positions, and a near-tie may flip: count identical replies instead
+                assert same == len(plain_tok) or args.dtype != "float32", \
+                    f"concurrency {c}: greedy output with the draft differs"
                 best_plain = max(best_plain, tps)
                 if sps > best_spec:
                     best_spec, stats = sps, st
@@ -187,7 +193,8 @@ def main() -> None:
             r = {"requests": len(prompts), "mean_reply_tokens": round(gen, 1), "plain_tok_s": round(best_plain, 1),
                  "draft_tok_s": round(best_spec, 1), "speedup": round(best_spec / best_plain, 3),
                  "mean_accept_length": round(stats["mean_accept_length"], 3),
-                 "acceptance_rate": round(stats["acceptance_rate"], 3), "accepted_hist": stats["accepted_hist"]}
+                 "acceptance_rate": round(stats["acceptance_rate"], 3), "accepted_hist": stats["accepted_hist"],
+                 "identical_replies": f"{same}/{len(plain_tok)}"}
             out["results"][str(c)] = r
             print(f"concurrency {c:>2}: plain {best_plain:7.1f} tok/s, with draft {best_spec:7.1f} tok/s "
                   f"(x{r['speedup']:.2f}), mean acceptance length {r['mean_accept_length']:.2f} "

@@ -32,6 +32,42 @@ def test_expert_paths_equal_per_token_loop(path, monkeypatch):
     torch.testing.assert_close(got, naive_experts(e, x, idx, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("skewed", [False, True])
+def test_bf16_cpu_experts_equal_per_token_loop(skewed, monkeypatch):
+    """bf16 on CPU: experts run as three padded batched GEMMs; routing so skewed that padding would pass 4x the
+    rows runs the per-expert loop instead. Both equal the per-token loop (fp32) within bf16 rounding."""
+    torch.manual_seed(2)
+    e = Experts(16, 16, 24)
+    for p in e.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, idx, w = torch.randn(20, 16), torch.randint(0, 16, (20, 2)), torch.rand(20, 2)
+    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 15) % 16
+    if skewed:  # expert 0 takes every token: 16 experts x 20 rows = 8x the 40 pairs
+        idx[:, 0], idx[:, 1] = 0, 1 + idx[:, 1] % 15
+    want = naive_experts(e, x, idx, w)
+    loops = []
+    loop = M.swiglu_loop
+    monkeypatch.setattr(M, "swiglu_loop", lambda *a: loops.append(1) or loop(*a))
+    got = e.to(torch.bfloat16)._grouped(x.bfloat16(), idx, w)
+    assert len(loops) == skewed
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_write_kv_into_a_cache_slice_bf16():
+    """Each row's keys/values land at its own positions of a (non-contiguous) slice of the cache; nothing else
+    changes."""
+    torch.manual_seed(3)
+    full_k, full_v = torch.randn(4, 2, 10, 8).bfloat16(), torch.randn(4, 2, 10, 8).bfloat16()
+    want_k, want_v = full_k.clone(), full_v.clone()
+    pos = torch.tensor([[0, 1], [5, 6], [2, 3]])
+    k, v = torch.randn(3, 2, 2, 8).bfloat16(), torch.randn(3, 2, 2, 8).bfloat16()
+    for b in range(3):
+        for j in range(2):
+            want_k[b, :, pos[b, j]], want_v[b, :, pos[b, j]] = k[b, :, j], v[b, :, j]
+    M.write_kv(full_k[:3, :, :8], full_v[:3, :, :8], pos, k, v)
+    assert torch.equal(full_k, want_k) and torch.equal(full_v, want_v)
+
+
 @pytest.mark.parametrize("tokens,dtype", [(3, torch.float32), (20, torch.float32), (20, torch.bfloat16)])
 def test_compiled_experts_equal_per_token_loop(tokens, dtype):
     """Under torch.compile: few pairs take the in-place gather (fused multiply-reduce), many pairs the grouped GEMM
