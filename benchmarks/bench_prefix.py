@@ -6,7 +6,10 @@ prefix reuse (the default) prefills only what the slot's cache does not hold; th
 prefills the whole history every turn. Both run the same turns on the same weights, alternately, best of
 `--reps`. Greedy outputs are checked to be identical.
 
-    python benchmarks/bench_prefix.py [--preset small] [--conversations 4] [--turns 6]
+    python benchmarks/bench_prefix.py [--preset small] [--conversations 4] [--turns 6] [--mtp-draft]
+
+--mtp-draft: both engines decode speculatively with the model's MTP layer (k=3); with reuse the drafter's own
+cached entries are carried over too.
 
 Reports the wall time of the whole session, the mean time to first token (submit -> first delta) and the
 share of prompt tokens served from cache. Last line: one JSON object.
@@ -23,6 +26,7 @@ import torch
 from _common import setup
 from angelmed.config import get_preset
 from angelmed.infer.engine import Engine, GenerationRequest
+from angelmed.infer.speculative import MTPDrafter
 from angelmed.model import Transformer
 
 
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--reply-tokens", type=int, default=48)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mtp-draft", action="store_true", help="speculative decoding with the MTP layer, both sides")
     args = ap.parse_args()
     setup(args.threads)
     cfg = get_preset(args.preset)
@@ -75,7 +80,8 @@ def main() -> None:
     replies, metrics = {}, {}
     for rep in range(args.reps + 1):  # the first pass warms up
         for name, reuse in modes.items():  # a new engine per session: every session starts with empty slots
-            eng = Engine(model, max_batch=args.conversations, max_seq_len=max_len, prefix_reuse=reuse)
+            draft = MTPDrafter(model) if args.mtp_draft else None
+            eng = Engine(model, max_batch=args.conversations, max_seq_len=max_len, prefix_reuse=reuse, draft=draft)
             wall, ttft, replies[name] = session(eng, system, users, args.reply_tokens)
             metrics[name] = eng.metrics
             if rep and wall < best[name][0]:
@@ -84,13 +90,13 @@ def main() -> None:
     m = metrics["reuse"]
     cached_share = m.prompt_tokens_cached / m.prompt_tokens
     (w_r, t_r), (w_f, t_f) = best["reuse"], best["full_prefill"]
-    print(f"[{args.preset}] {args.conversations} conversations x {args.turns} turns, system {args.system_tokens}, "
+    print(f"[{args.preset}{', MTP draft' if args.mtp_draft else ''}] {args.conversations} conversations x {args.turns} turns, system {args.system_tokens}, "
           f"user {args.user_tokens}, reply {args.reply_tokens} tokens; {m.prompt_tokens} prompt tokens, "
           f"{cached_share:.1%} served from cache")
     print(f"  session wall: reuse {w_r:.2f} s vs full prefill {w_f:.2f} s (x{w_f / w_r:.2f})")
     print(f"  mean time to first token: reuse {t_r * 1e3:.0f} ms vs full prefill {t_f * 1e3:.0f} ms "
           f"(x{t_f / t_r:.2f})")
-    print(json.dumps({"preset": args.preset, "conversations": args.conversations, "turns": args.turns,
+    print(json.dumps({"preset": args.preset, "mtp_draft": args.mtp_draft, "conversations": args.conversations, "turns": args.turns,
                       "prompt_tokens": m.prompt_tokens, "cached_share": round(cached_share, 3),
                       "wall_s_reuse": round(w_r, 3), "wall_s_full_prefill": round(w_f, 3),
                       "speedup_wall": round(w_f / w_r, 2), "ttft_ms_reuse": round(t_r * 1e3, 1),

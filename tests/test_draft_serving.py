@@ -72,6 +72,13 @@ def test_eagle3_greedy_identical_to_plain_staggered(target, trained, k):
         assert st.mean_accept_length > 2.0, st.as_dict()
 
 
+def test_eagle3_drafts_with_prefix_reuse_equal_a_full_prefill(target, trained):
+    from test_speculative import check_prefix_reuse_with_draft
+
+    hist = check_prefix_reuse_with_draft(target, lambda: Eagle3Drafter(target, trained), PROMPTS)
+    assert sum(hist[1:]) > 0, hist  # drafts were accepted: the carried-over drafter entries are in use
+
+
 def test_random_and_reduced_vocab_drafts_keep_greedy_output(target):
     for draft in (DraftModel(DraftConfig.for_target(target.config)).init_weights(5, std=0.2),
                   _train_on_own_text(target, draft_vocab=64, steps=25)):

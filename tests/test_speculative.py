@@ -32,6 +32,37 @@ def test_mtp_speculative_greedy_equals_plain(model, k):
     assert st.rounds > 0 and st.drafted == k * st.rounds and sum(st.accepted_hist) == st.rounds
 
 
+def check_prefix_reuse_with_draft(model, make_drafter, ps, k=3):
+    """Chat A ends while chat B decodes speculatively beside A's idle slot (whose rows write the target's
+    positions 0..k and the drafter's up to 2k-1); A's next turn reuses the slot. Greedy output stays plain greedy,
+    and the drafts (accepted counts per round) and log-probs equal an engine that prefills everything: the
+    drafter's own cached entries were carried over and the clobbered head recomputed."""
+    chat, other, new_turn = ps[0] + ps[1], ps[2], ps[3]
+    eng = Engine(model, max_batch=2, max_seq_len=192, draft=make_drafter(), spec_tokens=k)
+    a1, _ = eng.generate([GenerationRequest(chat, max_tokens=7, stop_ids=[]),
+                          GenerationRequest(other, max_tokens=40, stop_ids=[])])
+    turn2 = chat + a1.token_ids + new_turn
+    runs = []
+    for e in (eng, Engine(model, max_batch=2, max_seq_len=192, draft=make_drafter(), spec_tokens=k,
+                          prefix_reuse=False)):
+        e.spec.reset_stats()
+        r = e.generate([GenerationRequest(turn2, max_tokens=20, stop_ids=[], logprobs=True)])[0]
+        runs.append((r, e.spec.stats.accepted_hist))
+    (got, hist), (want, want_hist) = runs
+    head = 2 * (k + 1)  # recomputed; the tail starts one position early, at r - 1
+    assert len(chat) - 1 - head <= got.cached_tokens <= len(chat) + len(a1.token_ids) - 2 - head
+    assert got.cached_tokens > 0 and want.cached_tokens == 0
+    assert got.token_ids == want.token_ids == greedy_ref(model, turn2, 20)
+    assert hist == want_hist
+    assert max(abs(x - y) for x, y in zip(got.logprobs, want.logprobs)) < 1e-5
+    return hist
+
+
+def test_mtp_drafts_with_prefix_reuse_equal_a_full_prefill(model):
+    hist = check_prefix_reuse_with_draft(model, lambda: MTPDrafter(model), prompts(4, seed=21))
+    assert sum(hist) > 0
+
+
 def test_compiled_speculative_rounds_match_eager(model):
     """Engine(compile=True): a round (drafts, verify, acceptance) runs as one compiled graph; greedy output is
     still plain greedy, and seeded sampling gives the eager speculative engine's tokens."""

@@ -308,11 +308,11 @@ class SlotCaches:
             full.k[slots, :, :T] = tmp.k[rows, :, :T]
             full.v[slots, :, :T] = tmp.v[rows, :, :T]
 
-    def read_prefix(self, slot: int, n: int, tmp_caches: list, row: int) -> None:
-        """Positions 1..n-1 of a slot's K/V into row `row` of temporary caches (prefix reuse)."""
+    def read_range(self, slot: int, lo: int, hi: int, tmp_caches: list, row: int) -> None:
+        """Positions [lo, hi) of a slot's K/V into row `row` of temporary caches (prefix reuse)."""
         for full, tmp in zip(self.caches, tmp_caches):
-            tmp.k[row, :, 1:n] = full.k[slot, :, 1:n]
-            tmp.v[row, :, 1:n] = full.v[slot, :, 1:n]
+            tmp.k[row, :, lo:hi] = full.k[slot, :, lo:hi]
+            tmp.v[row, :, lo:hi] = full.v[slot, :, lo:hi]
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -371,6 +371,7 @@ class _Slot:
     stop_reason: int | str | None = None
     routing: list[list[Tensor]] | None = None  # [routing record] per MoE layer, chunks of [t, k] ids (host)
     cached: int = 0  # prompt tokens reused from the slot's cache
+    draft_fed: int = 0  # [spec] leading tokens whose drafter cache entries are final (see SpecState.round)
 
     @property
     def request(self) -> GenerationRequest:
@@ -384,8 +385,8 @@ class Engine:
                  compile: bool = False, draft=None, spec_tokens: int = 3, max_prefill_tokens: int = 8192,
                  prefix_reuse: bool = True):
         """draft: a speculative.DraftModel (e.g. MTPDrafter(model)); spec_tokens: tokens drafted per round;
-        prefix_reuse: prefill only what a free slot's cache does not already hold (off with a draft, whose own
-        caches would need the same bookkeeping)."""
+        prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft too, where the
+        drafter can take its own cached entries: the hidden-state drafters)."""
         self.model = model.eval()
         self.cfg = model.config
         self.tokenizer = tokenizer
@@ -418,7 +419,12 @@ class Engine:
         self.counter_B = torch.zeros(B, dtype=torch.long, device=dev)
         self.seen_BV = torch.zeros(B, self.vocab_size, dtype=torch.bool, device=dev)
         self.slots: list[_Slot | None] = [None] * B
-        self.prefix_reuse = prefix_reuse and draft is None
+        self.prefix_reuse = prefix_reuse and (draft is None or draft.prefix_reuse)
+        # Reusing r cached prompt tokens still recomputes positions [0, head): free rows inside a step's batch
+        # write there (decode: position 0; a speculative round: the target 0..k, the drafter up to 2k-1). With a
+        # drafter the tail starts one early, at r-1: drafter position t takes the target's features at t.
+        self._reuse_head = 1 if draft is None else 2 * (self.spec_tokens + 1)
+        self._reuse_back = 0 if draft is None else 1
         self.cached_ids: list[list[int]] = [[] for _ in range(B)]  # tokens whose K/V a free slot holds
         self.cached_salt: list[str | None] = [None] * B  # the cache_salt of the request that left them
         self._freed_at = [0] * B  # engine step at which each slot was last freed (least recently used goes first)
@@ -667,7 +673,7 @@ class Engine:
             n, neg = max((common_prefix_len(self.cached_ids[i], req.prompt_ids)
                           if self.cached_salt[i] == req.cache_salt else 0, -i) for i in free)
             src, n = -neg, min(n, len(req.prompt_ids) - 1)  # the last prompt token always runs: it is sampled
-            if n < 2:
+            if n - self._reuse_back <= self._reuse_head:  # nothing left to copy
                 src, n = -1, 0
         inside = [i for i in free if i < covered]
         if 0 <= src < covered or not inside:
@@ -703,8 +709,9 @@ class Engine:
         first: dict[tuple, int] = {}
         uniq_of = [first.setdefault((tuple(r.prompt_ids), u), len(first)) for r, u in zip(reqs, reuse)]
         uniq = [uniq_of.index(u) for u in range(len(first))]
-        # positions each row computes: all of its prompt, or with reuse r position 0 and r.. (1..r-1 are cached)
-        run = [[0, *range(reuse[j], lens[j])] if reuse[j] else list(range(lens[j])) for j in uniq]
+        # positions each row computes: all of its prompt, or with reuse r the head and the tail (the rest is cached)
+        head, back = self._reuse_head, self._reuse_back
+        run = [[*range(head), *range(reuse[j] - back, lens[j])] if reuse[j] else list(range(lens[j])) for j in uniq]
         T = max(map(len, run))
         ids = torch.zeros(len(uniq), T, dtype=torch.long)
         pos = torch.zeros(len(uniq), T, dtype=torch.long)
@@ -716,7 +723,7 @@ class Engine:
         tmp = self.model.make_caches(len(uniq), max(lens[j] + T - len(p) for j, p in zip(uniq, run)))
         for u, j in enumerate(uniq):
             if reuse[j]:
-                self.kv.read_prefix(reuse_from[j][0], reuse[j], tmp, u)
+                self.kv.read_range(reuse_from[j][0], head, reuse[j] - back, tmp, u)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers
         keep = self.spec.feature_layers if self.spec is not None else ()
         out = self.model(ids, pos_BT=pos, caches=tmp, compute_logits=False, keep_layers=keep)
@@ -732,8 +739,13 @@ class Engine:
         filt = sample and any(r.top_k > 0 or r.top_p < 1 for r in reqs)
         tok = pick_tokens(logits, self.temp_B[idx], self.topk_B[idx], self.topp_B[idx], self.seed_B[idx],
                           self.counter_B[idx], sample, filt)
-        if self.spec is not None:
-            self.spec.absorb_prompt(idx, ids[uniq_t], self.spec.features(out)[uniq_t], lens, tok)  # [spec hook]
+        if self.spec is not None:  # [spec hook] the drafter's entries: next prompt token and features per position
+            nxt = torch.zeros_like(ids, device="cpu")
+            for u, (j, p) in enumerate(zip(uniq, run)):
+                nxt[u, :len(p) - 1] = torch.tensor([reqs[j].prompt_ids[i + 1] for i in p[:-1]], dtype=torch.long)
+            copies = [(j, reuse_from[j][0], head, reuse[j] - back) for j in range(len(reqs)) if reuse[j]]
+            self.spec.absorb_prompt(idx, ids[uniq_t], nxt.to(dev)[uniq_t], self.spec.features(out)[uniq_t],
+                                    pos[uniq_t], last[uniq_t], tok, copies)
         self.tok_B[idx] = tok
         self.pos_B[idx] = torch.tensor(lens, device=dev)
         self.active_B[idx] = 1
@@ -748,7 +760,8 @@ class Engine:
             stop_ids = frozenset(r.stop_ids if r.stop_ids is not None else self.default_stop_ids)
             self.slots[slot] = _Slot(h, lens[j], min(r.max_tokens, room), room < r.max_tokens, stop_ids,
                                      logprobs=[] if r.logprobs else None,
-                                     top_logprobs=[] if r.top_logprobs else None, cached=max(reuse[j] - 1, 0))
+                                     top_logprobs=[] if r.top_logprobs else None,
+                                     cached=max(reuse[j] - back - head, 0), draft_fed=lens[j])
             self.metrics.prompt_tokens += lens[j]
             self.metrics.prompt_tokens_cached += self.slots[slot].cached
         if any(r.record_routing for r in reqs):  # [routing record] the prompt tokens
@@ -928,7 +941,8 @@ class Engine:
         self.pos_B[i] = 0  # a free slot's decode writes land on position 0 (recomputed when the slot is reused)
         self._freed_at[i] = self.metrics.steps
         if self.prefix_reuse and s.finish_reason != "error":  # every token but the last one was fed
-            self.cached_ids[i] = (list(s.request.prompt_ids) + s.generated[:-1])[:self._cache_len]
+            fed = s.draft_fed if self.draft is not None else self._cache_len  # [spec] and the drafter's entries
+            self.cached_ids[i] = (list(s.request.prompt_ids) + s.generated[:-1])[:min(fed, self._cache_len)]
             self.cached_salt[i] = s.request.cache_salt
         if s.finish_reason == "cancelled":
             self.metrics.requests_cancelled += 1

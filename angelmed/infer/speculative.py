@@ -70,14 +70,19 @@ class DraftModel(Protocol):
     def allocate(self, max_batch: int, max_len: int) -> None:
         """Make room for max_batch slots of max_len positions (own KV cache)."""
 
-    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
-        """Take in new prompts (right-padded) and the target's hidden states over them, for the given slots."""
+    def absorb(self, slots: Tensor, ids_BT: Tensor, next_BT: Tensor, hidden_BTD: Tensor, pos_BT: Tensor,
+               copies: list[tuple[int, int, int, int]]) -> None:
+        """Take in new prompts for the given slots: the positions the target ran (pos_BT, right-padded past each
+        row's end), their tokens, the prompt token after each, and the target's hidden states there. copies:
+        (row, source slot, lo, hi): positions [lo, hi) the target took from that slot's cache (prefix reuse;
+        empty unless `prefix_reuse`)."""
 
     def propose(self, state: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
         """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n). q may be None when
         state.sample is False: greedy rounds compare tokens only."""
 
     moe: bool  # has MoE layers (then compiled proposals pay only at small batch; see Engine._compiled_pays)
+    prefix_reuse: bool  # can copy its own entries for a reused prompt prefix (see `absorb`)
 
 
 def probs_from_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, filt: bool,
@@ -152,18 +157,19 @@ class HiddenStateDrafter:
     sees (token t+1, target features at t). Subclasses give `_cache`, `_run` and `_dtype`."""
 
     kv: SlotCaches | None = None
+    prefix_reuse = True
 
     def allocate(self, max_batch: int, max_len: int) -> None:
         self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
 
-    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
-        # the newest token (t = len-1) is handled by the first propose: the prompt contributes 0..len-2
-        m, T = prompt_BT.shape
-        if T < 2:
-            return
-        pos = torch.arange(T - 1, device=prompt_BT.device).expand(m, T - 1)
-        tmp = [self._cache(m, T - 1)]
-        self._run(prompt_BT[:, 1:], hidden_BTD[:, :-1].to(self._dtype), pos, tmp)
+    def absorb(self, slots: Tensor, ids_BT: Tensor, next_BT: Tensor, hidden_BTD: Tensor, pos_BT: Tensor,
+               copies: list[tuple[int, int, int, int]]) -> None:
+        # Position t takes (prompt token t+1, features at t). The last prompt position has no next token yet: its
+        # entry here is filler, rewritten by the first propose (which sees the sampled token), like the padding.
+        tmp = [self._cache(pos_BT.shape[0], int(pos_BT.max()) + 1)]
+        for row, src, lo, hi in copies:
+            self.kv.read_range(src, lo, hi, tmp, row)
+        self._run(next_BT, hidden_BTD.to(self._dtype), pos_BT, tmp)
         self.kv.write_rows(slots, tmp)
 
 
@@ -219,14 +225,15 @@ class LMDrafter:
         self.model = model.eval()
         self.kv: SlotCaches | None = None
         self.moe = any(isinstance(m, Experts) for m in model.modules())
+        self.prefix_reuse = False  # its cache would need the same bookkeeping; not built
 
     def allocate(self, max_batch: int, max_len: int) -> None:
         self.kv = SlotCaches(self.model.make_caches(max_batch, max_len + 1), max_len + 1)
 
-    def absorb(self, slots: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int]) -> None:
-        m, T = prompt_BT.shape
-        tmp = self.model.make_caches(m, T)
-        self.model(prompt_BT, caches=tmp, compute_logits=False)  # the sampled token after it comes next
+    def absorb(self, slots: Tensor, ids_BT: Tensor, next_BT: Tensor, hidden_BTD: Tensor, pos_BT: Tensor,
+               copies: list[tuple[int, int, int, int]]) -> None:
+        tmp = self.model.make_caches(pos_BT.shape[0], int(pos_BT.max()) + 1)
+        self.model(ids_BT, pos_BT=pos_BT, caches=tmp, compute_logits=False)  # the sampled token after it comes next
         self.kv.write_rows(slots, tmp)
 
     def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor]:
@@ -373,13 +380,14 @@ class SpecState:
         """What the drafter takes per target position: fused chosen layers, or the final hidden state."""
         return self.e.draft.fuse(out.layer_hidden) if self.feature_layers else out.hidden
 
-    def absorb_prompt(self, idx: Tensor, prompt_BT: Tensor, hidden_BTD: Tensor, lens: list[int],
-                      first_tok: Tensor) -> None:
-        self.e.draft.absorb(idx, prompt_BT, hidden_BTD, lens)
-        rows = torch.arange(len(lens), device=prompt_BT.device)
-        last = torch.tensor([n - 1 for n in lens], device=prompt_BT.device)
+    def absorb_prompt(self, idx: Tensor, ids_BT: Tensor, next_BT: Tensor, hidden_BTD: Tensor, pos_BT: Tensor,
+                      last_B: Tensor, first_tok: Tensor, copies: list[tuple[int, int, int, int]]) -> None:
+        """After a prefill: the drafter takes the prompts in (see DraftModel.absorb); each row's catch-up context
+        is the sampled token with the target's state at the last prompt position (column last_B)."""
+        self.e.draft.absorb(idx, ids_BT, next_BT, hidden_BTD, pos_BT, copies)
+        rows = torch.arange(len(idx), device=ids_BT.device)
         self.ids_BL[idx, 0] = first_tok
-        self.hidden_BLD[idx, 0] = hidden_BTD[rows, last].to(self.hidden_BLD.dtype)
+        self.hidden_BLD[idx, 0] = hidden_BTD[rows, last_B].to(self.hidden_BLD.dtype)
         self.len_B[idx] = 1
 
     def round(self) -> None:
@@ -411,6 +419,8 @@ class SpecState:
         for i in range(n):
             if e.slots[i] is None:
                 continue
+            # this round's catch-up made the drafter's entries final up to the pending token's position
+            e.slots[i].draft_fed = e.slots[i].prompt_len + len(e.slots[i].generated)
             new[i] = tok_h[i][:a_h[i] + 1]
             if want_lp:
                 new_lp[i] = lp_h[i][:a_h[i] + 1]
