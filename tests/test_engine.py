@@ -386,7 +386,7 @@ def test_identical_prompts_prefill_once_and_sample_independently(model, monkeypa
 
     monkeypatch.setattr(model, "forward", spy)
     group = eng.generate([GenerationRequest(p, seed=s, **req) for s in range(4)] + [GenerationRequest(q, seed=9, **req)])
-    assert prefill_rows == [2]
+    assert sum(prefill_rows) == 2  # one row per distinct prompt (in forwards grouped by length)
     solo = Engine(model, max_batch=1, max_seq_len=64)
     for s, r in enumerate(group[:4]):
         alone = solo.generate([GenerationRequest(p, seed=s, **req)])[0]
@@ -394,6 +394,29 @@ def test_identical_prompts_prefill_once_and_sample_independently(model, monkeypa
         assert all(torch.equal(a, b) for a, b in zip(r.routing, alone.routing))
     assert group[4].token_ids == solo.generate([GenerationRequest(q, seed=9, **req)])[0].token_ids
     assert len({tuple(r.token_ids) for r in group[:4]}) > 1
+
+
+def test_prefill_groups_rows_of_similar_length():
+    from angelmed.infer.engine import prefill_groups
+
+    none = [(-1, 0)] * 5
+    # longest first; a row joins a forward while it is at least half that forward's longest
+    assert prefill_groups([200, 42, 100, 100, 60], [0, 1, 2, 3, 4], none) == [[0, 2, 3], [4, 1]]
+    assert prefill_groups([7], [3], [(-1, 0)]) == [[0]]
+    # row 1 copies its prefix from slot 0, which row 0 overwrites: one forward reads it first
+    assert prefill_groups([200, 10], [0, 1], [(-1, 0), (0, 30)]) == [[0, 1]]
+    # a row reusing its own slot is no conflict
+    assert prefill_groups([200, 10], [0, 1], [(-1, 0), (1, 30)]) == [[0], [1]]
+
+
+def test_mixed_length_admission_equals_solo_runs(model):
+    """Prompts of 3 and 60 tokens admitted together run in separate forwards; each reply is its solo greedy run."""
+    ps = prompts(3, seed=15)
+    long = sum(prompts(6, seed=16), [])[:60]
+    todo = [long, ps[0][:3], ps[1]]
+    res = Engine(model, max_batch=4, max_seq_len=128).generate([GenerationRequest(p, max_tokens=6, stop_ids=[])
+                                                                 for p in todo])
+    assert [r.token_ids for r in res] == [greedy_ref(model, p, 6) for p in todo]
 
 
 def test_prefix_reuse_copies_a_high_slot_prefix_into_a_covered_slot(model):

@@ -335,6 +335,22 @@ def bucket(n: int, limit: int) -> int:
     return min(b, limit)
 
 
+def prefill_groups(lengths: list[int], dests: list[int], reuse: list[tuple[int, int]]) -> list[list[int]]:
+    """Rows of one admission split into prefill forwards of similar length (each row at least half the longest in
+    its forward): right padding is compute spent on nothing (32 chat prompts of 42-200 tokens: 3.4x their tokens
+    in one forward). One forward when a row's prefix source is another row's destination: it must be read before
+    it is overwritten."""
+    if any(r and src != dest and src in dests for dest, (src, r) in zip(dests, reuse)):
+        return [list(range(len(lengths)))]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and 2 * lengths[i] >= lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def round_up(n: int, limit: int, quantum: int = 64) -> int:
     """n rounded up to a multiple of quantum, capped at limit. (Not a power of two: attention cost follows the
     length, and a compiled step makes the length a dynamic dimension after its second distinct value.)"""
@@ -660,8 +676,9 @@ class Engine:
                 free.remove(slot)
                 batch.append((slot, self._pending.popleft()))
                 reuse.append((src, r))
-        if batch:
-            self._prefill(batch, reuse)
+        for group in prefill_groups([len(h.request.prompt_ids) - r for (_, h), (_, r) in zip(batch, reuse)],
+                                    [slot for slot, _ in batch], reuse):
+            self._prefill([batch[i] for i in group], [reuse[i] for i in group])
 
     def _pick_slot(self, free: list[int], req: GenerationRequest, covered: int) -> tuple[int, int, int]:
         """(slot, source slot, prompt tokens whose K/V the source holds). The source is the free slot sharing the
