@@ -215,9 +215,20 @@ def convert(argv: list[str]) -> int:
     ap.add_argument("--drop-mtp", action="store_true", help="leave out the MTP layers (vLLM has no MTP for this model)")
     ap.add_argument("--hf-remote-code", action="store_true",
                     help="also write modeling/config files so transformers loads it with trust_remote_code")
+    ap.add_argument("--target", default=None,
+                    help="SRC is an angelmed EAGLE-3 draft (layout llama): write it as the LlamaForCausalLMEagle3 "
+                         "directory SGLang/vLLM load, with this target's head rows")
     a = ap.parse_args(argv)
     if Path(a.dst).resolve() == Path(a.src).resolve():
         raise ValueError("convert: dst must differ from src")
+    if a.target:
+        from angelmed.draft import DraftModel, export_llama_eagle3
+
+        export_llama_eagle3(DraftModel.load(a.src), load_model(a.target, dtype="float32"), a.dst,
+                            dtype=getattr(torch, a.dtype or "bfloat16"))
+        print(f"wrote {a.dst} (LlamaForCausalLMEagle3; serve with: angelmed serve {a.target} --backend sglang "
+              f"--draft {a.dst} --print-only)")
+        return 0
     model = load_model(a.src, dtype="float32" if a.fp8 else a.dtype)
     if a.drop_mtp:
         model.drop_mtp()

@@ -12,6 +12,14 @@ Chained drafting feeds o back in place of g: step j (1-based) for base position 
 takes token x_{t+j} and o^{(j-1)}_t, and predicts x_{t+j+1}. At inference its attention sees the draft's cached
 step-1 states of positions <= t (computed from real target features) and its own chain states of base t.
 
+`layout: llama` builds instead the decoder layer of `LlamaForCausalLMEagle3`, the layout vLLM and SGLang serve:
+
+    x_t   = cat[input_layernorm(E[x_{t+1}]), hidden_norm(g_t)]     2H wide, read by q/k/v directly
+    r_t   = g_t + attn(x_t);  r_t = r_t + mlp(post_attention_layernorm(r_t))
+    q_t   = softmax(W_head[vocab_map] norm(r_t))                  the chain feeds the pre-norm r back
+
+with plain Llama attention (full RoPE, no QK-norm). `export_llama_eagle3` writes such a draft in their format.
+
 Training-time test (EAGLE-3): the steps are unrolled during training with exactly that attention pattern. Step j's
 keys are [step-1 keys of all positions (causal, same packed segment), step-2..j keys of the same base only
 (diagonal)], so the draft learns on its own multi-step rollouts under the inference-time view. `ttt_attention=False`
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from angelmed.config import ModelConfig
-from angelmed.model import DecoderLayer, RMSNorm, Transformer, rope_cos_sin, rope_parameters
+from angelmed.model import MLP, Attention, DecoderLayer, RMSNorm, Transformer, rope_cos_sin, rope_parameters
 
 DRAFT_ARCH = "AngelmedEagle3Draft"
 DRAFT_MODEL_TYPE = "angelmed_eagle3_draft"
@@ -44,25 +52,38 @@ class DraftConfig:
     target: dict  # the target's ModelConfig (shapes of the draft's decoder layer come from it)
     intermediate_size: int | None = None  # dense MLP width of the draft layer (default: target's)
     draft_vocab_size: int | None = None  # None: the full target vocabulary; else a frequent-token subset
+    layout: str = "angelmed"  # or "llama": the LlamaForCausalLMEagle3 layer vLLM and SGLang serve
 
     @classmethod
     def for_target(cls, cfg: ModelConfig, feature_layers: tuple[int, ...] | None = None,
-                   intermediate_size: int | None = None, draft_vocab_size: int | None = None) -> "DraftConfig":
+                   intermediate_size: int | None = None, draft_vocab_size: int | None = None,
+                   layout: str = "angelmed") -> "DraftConfig":
         L = cfg.num_hidden_layers
-        layers = tuple(feature_layers) if feature_layers else (min(1, L - 1), L // 2, L - 1)
-        if len(layers) != 3 or not all(0 <= i < L for i in layers):
-            raise ValueError(f"feature_layers: expected 3 layer indices in [0, {L}), got {list(layers)}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}")
+        # vLLM and SGLang capture a layer's output as the next layer's input, so the last layer is out of reach;
+        # their default layers (inputs of 2, L/2, L-3) are the outputs of 1, L/2-1, L-4
+        top = L - 1 if layout == "angelmed" else L - 2
+        default = (min(1, L - 1), L // 2, L - 1) if layout == "angelmed" else \
+            tuple(min(max(i, 0), top) for i in (1, L // 2 - 1, L - 4))
+        layers = tuple(feature_layers) if feature_layers else default
+        if len(layers) != 3 or not all(0 <= i <= top for i in layers):
+            raise ValueError(f"feature_layers: expected 3 layer indices in [0, {top}] for the {layout} layout, "
+                             f"got {list(layers)}")
         if draft_vocab_size is not None and not 0 < draft_vocab_size <= cfg.vocab_size:
             raise ValueError(f"draft_vocab_size: expected 1..{cfg.vocab_size} (or None), got {draft_vocab_size}")
         if draft_vocab_size == cfg.vocab_size:
             draft_vocab_size = None
         return cls(cfg.hidden_size, cfg.vocab_size, layers, cfg.to_dict(),
-                   intermediate_size or cfg.intermediate_size, draft_vocab_size)
+                   intermediate_size or cfg.intermediate_size, draft_vocab_size, layout)
 
     def target_config(self) -> ModelConfig:
+        """The config of the draft's decoder layer: the target's shapes, one dense layer."""
         d = dict(self.target)
         d.update(first_k_dense_replace=1, num_hidden_layers=1, num_nextn_predict_layers=0,
                  intermediate_size=self.intermediate_size or d["intermediate_size"], quantization_config=None)
+        if self.layout == "llama":  # plain Llama attention
+            d.update(use_qk_norm=False, partial_rotary_factor=1.0, use_qkv_bias=False, use_bias=False)
         return ModelConfig.from_dict(d, source="draft config")
 
     def check_target(self, cfg: ModelConfig, where: str = "draft") -> None:
@@ -78,6 +99,29 @@ class DraftConfig:
             raise ValueError(f"{where}: does not fit the target model: " + "; ".join(problems))
 
 
+class LlamaEagle3Layer(nn.Module):
+    """The decoder layer of LlamaForCausalLMEagle3: q/k/v read cat[input_layernorm(embedding), hidden_norm(g)]
+    (2H wide) and the residual stream starts from g. Returns the pre-norm stream."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(H, eps)
+        self.hidden_norm = RMSNorm(H, eps)
+        self.self_attn = Attention(cfg)
+        self.self_attn.query_key_value = nn.Linear(2 * H, self.self_attn.query_key_value.out_features, bias=False)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.mlp = MLP(H, cfg.intermediate_size)
+
+    def forward(self, emb_BTD: Tensor, g_BTD: Tensor, rope, mask, pos_BT=None, cache=None) -> Tensor:
+        x = torch.cat([self.input_layernorm(emb_BTD), self.hidden_norm(g_BTD)], dim=-1)
+        r = g_BTD + self.self_attn(x, rope, mask, pos_BT, cache)
+        return r + self.mlp(self.post_attention_layernorm(r))
+
+
+LAYOUTS = ("angelmed", "llama")
+
+
 class DraftModel(nn.Module):
     def __init__(self, dc: DraftConfig):
         super().__init__()
@@ -85,11 +129,15 @@ class DraftModel(nn.Module):
         cfg = dc.target_config()
         H = dc.hidden_size
         self.fc = nn.Linear(3 * H, H, bias=False)
-        self.enorm = RMSNorm(H, cfg.rms_norm_eps)
-        self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * H, H, bias=False)
-        self.layer = DecoderLayer(cfg, moe=False)
-        self.final_norm = RMSNorm(H, cfg.rms_norm_eps)
+        if dc.layout == "llama":
+            self.midlayer = LlamaEagle3Layer(cfg)
+            self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        else:
+            self.enorm = RMSNorm(H, cfg.rms_norm_eps)
+            self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
+            self.eh_proj = nn.Linear(2 * H, H, bias=False)
+            self.layer = DecoderLayer(cfg, moe=False)
+            self.final_norm = RMSNorm(H, cfg.rms_norm_eps)
         if dc.draft_vocab_size:
             # target ids of the draft vocabulary (sorted); saved with the weights
             self.register_buffer("vocab_map", torch.arange(dc.draft_vocab_size))
@@ -128,9 +176,17 @@ class DraftModel(nn.Module):
         return rope_cos_sin(self._inv_freq, self.rope_scaling, pos_BT, dtype)
 
     def forward(self, emb_BTD: Tensor, g_BTD: Tensor, rope, mask, pos_BT=None, cache=None) -> Tensor:
+        """One draft step: the state the next chained step takes in place of g (see `head_input`)."""
+        if self.draft_config.layout == "llama":
+            return self.midlayer(emb_BTD, g_BTD, rope, mask, pos_BT, cache)
         u = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(g_BTD)], dim=-1))
         u, _ = self.layer(u, rope, mask, pos_BT, cache)
         return self.final_norm(u)
+
+    def head_input(self, o_BTD: Tensor) -> Tensor:
+        """What the head scores: a step's output, after the final norm in the llama layout (there the chain takes
+        the pre-norm state)."""
+        return self.norm(o_BTD) if self.draft_config.layout == "llama" else o_BTD
 
     def head_weight(self, target: Transformer) -> Tensor:
         """Rows of the target's frozen lm_head that the draft scores (all rows without a vocab_map)."""
@@ -172,6 +228,55 @@ class DraftModel(nn.Module):
         return model.eval()
 
 
+LLAMA_EAGLE3_ARCH = "LlamaForCausalLMEagle3"
+
+
+def export_llama_eagle3(draft: DraftModel, target: Transformer, path: str | Path,
+                        dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write a `layout: llama` draft as the LlamaForCausalLMEagle3 directory SGLang (and vLLM) load as an EAGLE-3
+    draft: fc, midlayer.* (q/k/v/o split out of our fused projection), norm, lm_head = the target's head rows the
+    draft scores, d2t/t2d for a reduced vocabulary. No embed_tokens: the engines then share the target's, as the
+    draft was trained. The aux layer ids go in `eagle_config` with SGLang's meaning (the output of layer i)."""
+    from safetensors.torch import save_file
+
+    from angelmed.checkpoint import atomic_dir
+
+    dc = draft.draft_config
+    if dc.layout != "llama":
+        raise ValueError(f"export: this draft has the {dc.layout!r} layout, whose layer {LLAMA_EAGLE3_ARCH} cannot "
+                         f"express (docs/draft.md); train one with draft.layout: llama")
+    dc.check_target(target.config, "export")
+    cfg, a, m = dc.target_config(), draft.midlayer.self_attn, draft.midlayer
+    q, k, v = a.query_key_value.weight.split([a.n_q * a.d, a.n_kv * a.d, a.n_kv * a.d])
+    weights = {
+        "fc.weight": draft.fc.weight, "norm.weight": draft.norm.weight, "lm_head.weight": draft.head_weight(target),
+        "midlayer.input_layernorm.weight": m.input_layernorm.weight,
+        "midlayer.hidden_norm.weight": m.hidden_norm.weight,
+        "midlayer.self_attn.q_proj.weight": q, "midlayer.self_attn.k_proj.weight": k,
+        "midlayer.self_attn.v_proj.weight": v, "midlayer.self_attn.o_proj.weight": a.dense.weight,
+        "midlayer.post_attention_layernorm.weight": m.post_attention_layernorm.weight,
+        "midlayer.mlp.gate_proj.weight": m.mlp.gate_proj.weight, "midlayer.mlp.up_proj.weight": m.mlp.up_proj.weight,
+        "midlayer.mlp.down_proj.weight": m.mlp.down_proj.weight}
+    weights = {k: w.detach().to("cpu", dtype).contiguous() for k, w in weights.items()}
+    if draft.vocab_map is not None:  # draft id i is target id i + d2t[i]; t2d marks the target ids kept
+        ids = draft.vocab_map.detach().cpu().long()
+        weights["d2t"] = ids - torch.arange(ids.numel())
+        weights["t2d"] = torch.zeros(dc.vocab_size, dtype=torch.bool).index_fill_(0, ids, True)
+    config = {
+        "architectures": [LLAMA_EAGLE3_ARCH], "model_type": "llama", "hidden_size": dc.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "num_hidden_layers": 1,
+        "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling, "max_position_embeddings": cfg.max_position_embeddings,
+        "vocab_size": dc.vocab_size, "draft_vocab_size": dc.draft_vocab_size or dc.vocab_size,
+        "target_hidden_size": dc.hidden_size, "tie_word_embeddings": False, "attention_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(dc.feature_layers), "use_aux_hidden_state": True}}
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
 def is_draft_dir(path: str | Path) -> bool:
     """True when `path` holds an angelmed EAGLE-3 draft (by its config's architectures)."""
     f = Path(path) / "config.json"
@@ -201,6 +306,8 @@ def read_draft_config(path: str | Path) -> DraftConfig:
     missing = sorted(k for k in ("hidden_size", "vocab_size", "feature_layers", "target") if k not in d)
     if missing:
         raise ValueError(f"{cfg_file}: missing draft config key(s) {missing}")
+    if d.get("layout", "angelmed") not in LAYOUTS:
+        raise ValueError(f"{cfg_file}: layout: expected one of {list(LAYOUTS)}, got {d['layout']!r}")
     d["feature_layers"] = tuple(d["feature_layers"])
     return DraftConfig(**d)
 
@@ -261,7 +368,7 @@ def unrolled_step_logits(draft: DraftModel, target: Transformer, ids_BT: Tensor,
             o = draft(e, g, draft.rope(pos_j, g.dtype), mask, pos_j, cache)
         else:
             o = draft(e, g, draft.rope(pos_BT, g.dtype), first_block if segment_BT is not None else None)
-        out.append(F.linear(o, head).float())
+        out.append(F.linear(draft.head_input(o), head).float())
         g = o  # the next step sees the draft's own features
     return out
 

@@ -148,10 +148,11 @@ def test_sampling_with_eagle3_draft_keeps_the_distribution(target):
     assert 0.5 * (got3 - want3).abs().sum() < 0.05
 
 
-def test_ttt_training_loss_falls_and_beats_chance(target):
+@pytest.mark.parametrize("layout", ["angelmed", "llama"])
+def test_ttt_training_loss_falls_and_beats_chance(target, layout):
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (6, 24))
-    draft = DraftModel(DraftConfig.for_target(target.config, draft_vocab_size=128)).init_weights(0)
+    draft = DraftModel(DraftConfig.for_target(target.config, draft_vocab_size=128, layout=layout)).init_weights(0)
     opt = torch.optim.AdamW(draft.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):

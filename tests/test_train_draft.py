@@ -22,7 +22,8 @@ def target_dir(tmp_path_factory):
     return d
 
 
-def test_train_draft_cli_end_to_end(target_dir, tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["angelmed", "llama"])
+def test_train_draft_cli_end_to_end(target_dir, tmp_path, capsys, layout):
     out = tmp_path / "draft"
     rc = train_main(["draft", "--target", str(target_dir), "--train.steps", "16", "--train.eval_every", "8",
                      "--train.eval_prompts", "4", "--train.eval_max_tokens", "12", "--train.lr", "5e-3",
@@ -30,7 +31,7 @@ def test_train_draft_cli_end_to_end(target_dir, tmp_path, capsys):
                      "--train.out_dir", str(out), "--data.seq_len", "192", "--data.micro_batch_size", "4",
                      "--data.sources", "[{spec: icd10cm}]", "--draft.draft_vocab_size", "200",
                      "--draft.vocab_sample_batches", "2", "--distill.regenerate", "8",
-                     "--distill.max_new_tokens", "24"])
+                     "--distill.max_new_tokens", "24", "--draft.layout", layout])
     assert rc == 0
     assert "held-out acceptance length" in capsys.readouterr().out
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -42,6 +43,7 @@ def test_train_draft_cli_end_to_end(target_dir, tmp_path, capsys):
     for name in ("best", "last"):
         assert is_draft_dir(out / name)
         d = DraftModel.load(out / name)
+        assert d.draft_config.layout == layout
         assert d.vocab_map.numel() == 200 and {510, 511} <= set(d.vocab_map.tolist())  # stop ids kept
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"]["mean_accept_length"] == max(e["mean_accept_length"] for e in evals)
@@ -54,6 +56,8 @@ def test_train_draft_config_errors(target_dir, tmp_path, capsys):
     assert "not a model directory" in capsys.readouterr().err
     assert train_main(["draft", "--target", str(target_dir), "--train.ttt_steps", "0"]) == 2
     assert "ttt_steps" in capsys.readouterr().err
+    assert train_main(["draft", "--target", str(target_dir), "--draft.layout", "medusa"]) == 2
+    assert "draft.layout" in capsys.readouterr().err
 
 
 def test_choose_vocab_takes_the_most_frequent_predicted_tokens():

@@ -291,7 +291,7 @@ class Eagle3Drafter(HiddenStateDrafter):
         return self.head_W.dtype
 
     def _full_logits(self, o_BD: Tensor) -> Tensor:
-        sub = F.linear(o_BD, self.head_W).float()
+        sub = F.linear(self.draft.head_input(o_BD), self.head_W).float()
         if self.vocab_map is None:
             return sub
         full = sub.new_full((sub.shape[0], self.model.config.vocab_size), float("-inf"))
@@ -314,7 +314,7 @@ class Eagle3Drafter(HiddenStateDrafter):
             for _ in range(k):
                 if drafts:
                     advance(drafts[-1])
-                d = argmax(F.linear(g_BD, self.head_W))
+                d = argmax(F.linear(self.draft.head_input(g_BD), self.head_W))
                 drafts.append(d if self.vocab_map is None else self.vocab_map[d])
             return torch.stack(drafts, 1), None
 

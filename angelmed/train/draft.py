@@ -39,7 +39,8 @@ TRAIN_STATE = "trainer_state.pt"  # in out_dir/last: optimizer, data position, R
 # ---- configuration ---------------------------------------------------------------------------------------------
 @dataclass
 class DraftArchSection:
-    feature_layers: list[int] = field(default_factory=list)  # empty: (1, L // 2, L - 1)
+    feature_layers: list[int] = field(default_factory=list)  # empty: (1, L // 2, L - 1); llama: (1, L // 2 - 1, L - 4)
+    layout: str = "angelmed"  # "llama": LlamaForCausalLMEagle3, which vLLM/SGLang serve (angelmed convert --target)
     intermediate_size: int = 0  # dense MLP width of the draft layer; 0: the target's intermediate_size
     draft_vocab_size: int = 0  # 0: full vocabulary; N: the N most frequent predicted tokens (EAGLE-3 d2t)
     vocab_sample_batches: int = 20  # batches counted to choose the draft vocabulary
@@ -131,6 +132,8 @@ def validate(cfg: DraftRunConfig) -> None:
     need(t.resume in ("auto", "never") or (Path(t.resume) / TRAIN_STATE).is_file(),
          f"train.resume: expected auto, never or a draft directory holding {TRAIN_STATE} (OUT_DIR/last of a draft "
          f"run), got {t.resume!r}")
+    need(cfg.draft.layout in ("angelmed", "llama"), f"draft.layout: expected angelmed or llama, got "
+                                                     f"{cfg.draft.layout!r}")
     need(len(cfg.draft.feature_layers) in (0, 3), f"draft.feature_layers: expected 3 layer ids or [], got "
                                                   f"{cfg.draft.feature_layers}")
 
@@ -344,7 +347,8 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
         draft.draft_config.check_target(tcfg, f"draft.init_from {cfg.draft.init_from}")
     else:
         dc = DraftConfig.for_target(tcfg, tuple(cfg.draft.feature_layers) or None,
-                                    cfg.draft.intermediate_size or None, cfg.draft.draft_vocab_size or None)
+                                    cfg.draft.intermediate_size or None, cfg.draft.draft_vocab_size or None,
+                                    cfg.draft.layout)
         draft = DraftModel(dc).init_weights(cfg.draft.init_seed).to(device)
     pool = _regenerated(target, tok, cfg, out_dir, resume_from is not None) if cfg.distill.regenerate else None
     if draft.vocab_map is not None and not cfg.draft.init_from and resume_from is None:
