@@ -53,6 +53,11 @@ class DraftConfig:
     intermediate_size: int | None = None  # dense MLP width of the draft layer (default: target's)
     draft_vocab_size: int | None = None  # None: the full target vocabulary; else a frequent-token subset
     layout: str = "angelmed"  # or "llama": the LlamaForCausalLMEagle3 layer vLLM and SGLang serve
+    # an imported LlamaForCausalLMEagle3 draft: its own layer shapes (heads, head_dim, rope, ...), and its own
+    # lm_head / embedding where it ships them (ours use the target's, frozen)
+    layer_config: dict | None = None
+    own_head: bool = False
+    own_embedding: bool = False
 
     @classmethod
     def for_target(cls, cfg: ModelConfig, feature_layers: tuple[int, ...] | None = None,
@@ -84,6 +89,7 @@ class DraftConfig:
                  intermediate_size=self.intermediate_size or d["intermediate_size"], quantization_config=None)
         if self.layout == "llama":  # plain Llama attention
             d.update(use_qk_norm=False, partial_rotary_factor=1.0, use_qkv_bias=False, use_bias=False)
+        d.update(self.layer_config or {})
         return ModelConfig.from_dict(d, source="draft config")
 
     def check_target(self, cfg: ModelConfig, where: str = "draft") -> None:
@@ -138,6 +144,10 @@ class DraftModel(nn.Module):
             self.eh_proj = nn.Linear(2 * H, H, bias=False)
             self.layer = DecoderLayer(cfg, moe=False)
             self.final_norm = RMSNorm(H, cfg.rms_norm_eps)
+        if dc.own_head:
+            self.lm_head = nn.Linear(H, dc.draft_vocab_size or dc.vocab_size, bias=False)
+        if dc.own_embedding:
+            self.embed_tokens = nn.Embedding(dc.vocab_size, H)
         if dc.draft_vocab_size:
             # target ids of the draft vocabulary (sorted); saved with the weights
             self.register_buffer("vocab_map", torch.arange(dc.draft_vocab_size))
@@ -188,8 +198,18 @@ class DraftModel(nn.Module):
         the pre-norm state)."""
         return self.norm(o_BTD) if self.draft_config.layout == "llama" else o_BTD
 
+    def embed(self, ids_BT: Tensor, target: Transformer) -> Tensor:
+        """Embedding of the tokens the draft takes in: the target's (frozen), or its own when it ships one."""
+        if self.draft_config.own_embedding:
+            return self.embed_tokens(ids_BT)
+        with torch.no_grad():
+            return target.model.word_embeddings(ids_BT)
+
     def head_weight(self, target: Transformer) -> Tensor:
-        """Rows of the target's frozen lm_head that the draft scores (all rows without a vocab_map)."""
+        """Rows of the target's frozen lm_head that the draft scores (all rows without a vocab_map); an imported
+        draft's own head."""
+        if self.draft_config.own_head:
+            return self.lm_head.weight
         w = target.model.word_embeddings.weight if target.lm_head is None else target.lm_head.weight
         w = w.detach()
         return w if self.vocab_map is None else w[self.vocab_map]
@@ -235,8 +255,8 @@ def export_llama_eagle3(draft: DraftModel, target: Transformer, path: str | Path
                         dtype: torch.dtype = torch.bfloat16) -> None:
     """Write a `layout: llama` draft as the LlamaForCausalLMEagle3 directory SGLang (and vLLM) load as an EAGLE-3
     draft: fc, midlayer.* (q/k/v/o split out of our fused projection), norm, lm_head = the target's head rows the
-    draft scores, d2t/t2d for a reduced vocabulary. No embed_tokens: the engines then share the target's, as the
-    draft was trained. The aux layer ids go in `eagle_config` with SGLang's meaning (the output of layer i)."""
+    draft scores (or its own), d2t/t2d for a reduced vocabulary. No embed_tokens unless the draft has its own: the
+    engines then share the target's, as the draft was trained. The aux layer ids go in `eagle_config` with SGLang's meaning (the output of layer i)."""
     from safetensors.torch import save_file
 
     from angelmed.checkpoint import atomic_dir
@@ -257,6 +277,8 @@ def export_llama_eagle3(draft: DraftModel, target: Transformer, path: str | Path
         "midlayer.post_attention_layernorm.weight": m.post_attention_layernorm.weight,
         "midlayer.mlp.gate_proj.weight": m.mlp.gate_proj.weight, "midlayer.mlp.up_proj.weight": m.mlp.up_proj.weight,
         "midlayer.mlp.down_proj.weight": m.mlp.down_proj.weight}
+    if dc.own_embedding:
+        weights["embed_tokens.weight"] = draft.embed_tokens.weight
     weights = {k: w.detach().to("cpu", dtype).contiguous() for k, w in weights.items()}
     if draft.vocab_map is not None:  # draft id i is target id i + d2t[i]; t2d marks the target ids kept
         ids = draft.vocab_map.detach().cpu().long()
@@ -275,6 +297,87 @@ def export_llama_eagle3(draft: DraftModel, target: Transformer, path: str | Path
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+_LLAMA_VARIANTS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output", "attention_bias")
+
+
+def import_llama_eagle3(path: str | Path, target_config: ModelConfig) -> DraftModel:
+    """A LlamaForCausalLMEagle3 directory (as SGLang and vLLM load, e.g. a published EAGLE-3 draft for the target)
+    as a `layout: llama` DraftModel with its own layer shapes, lm_head and (if shipped) embedding. The feature
+    layers come from `eagle_config.eagle_aux_hidden_state_layer_ids` (SGLang: layer outputs), else the top-level
+    key (vLLM: layer inputs), else the engines' default. Variants of the layer we do not build are refused."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    try:
+        c = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file}: cannot read ({e})") from None
+    where = f"{path}: LlamaForCausalLMEagle3 draft"
+    if LLAMA_EAGLE3_ARCH not in (c.get("architectures") or []):
+        raise ValueError(f"{cfg_file}: architectures {c.get('architectures')}, expected [{LLAMA_EAGLE3_ARCH!r}]")
+    eagle = c.get("eagle_config") or {}
+    bad = [k for k in _LLAMA_VARIANTS if c.get(k) or eagle.get(k)]
+    if c.get("num_hidden_layers", 1) != 1 or c.get("hidden_act", "silu") != "silu" or \
+            eagle.get("use_aux_hidden_state", True) is False:
+        bad.append("num_hidden_layers != 1, hidden_act != silu or use_aux_hidden_state false")
+    if bad:
+        raise ValueError(f"{where}: unsupported layer variant(s) {bad}")
+    H = c["hidden_size"]
+    if c.get("target_hidden_size", H) != H or target_config.hidden_size != H:
+        raise ValueError(f"{where}: hidden_size {H} (target_hidden_size {c.get('target_hidden_size', H)}) vs the "
+                         f"target's {target_config.hidden_size}; only equal widths are supported")
+    if eagle.get("eagle_aux_hidden_state_layer_ids"):
+        layers = tuple(eagle["eagle_aux_hidden_state_layer_ids"])
+    elif c.get("eagle_aux_hidden_state_layer_ids"):
+        layers = tuple(i - 1 for i in c["eagle_aux_hidden_state_layer_ids"])
+    else:
+        layers = None
+    w = load_file(str(path / "model.safetensors"))
+    V, Nd = c.get("vocab_size", target_config.vocab_size), c.get("draft_vocab_size") or target_config.vocab_size
+    if V != target_config.vocab_size:
+        raise ValueError(f"{where}: vocab_size {V} vs the target's {target_config.vocab_size}")
+    dc = DraftConfig.for_target(target_config, layers, c["intermediate_size"], Nd if Nd != V else None, "llama")
+    dc.layer_config = {"num_attention_heads": c["num_attention_heads"],
+                       "num_key_value_heads": c.get("num_key_value_heads", c["num_attention_heads"]),
+                       "head_dim": c.get("head_dim", H // c["num_attention_heads"]),
+                       "rms_norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": c.get("rope_theta", 10000.0),
+                       "rope_scaling": c.get("rope_scaling"),
+                       "max_position_embeddings": c.get("max_position_embeddings", target_config.max_position_embeddings)}
+    dc.own_head, dc.own_embedding = True, "embed_tokens.weight" in w
+    draft = DraftModel(dc)
+    p = "midlayer."
+    state = {"fc.weight": w["fc.weight"], "norm.weight": w["norm.weight"], "lm_head.weight": w["lm_head.weight"],
+             p + "self_attn.query_key_value.weight": torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
+             p + "self_attn.dense.weight": w[p + "self_attn.o_proj.weight"]}
+    for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+        state[p + f"{name}.weight"] = w[p + f"{name}.weight"]
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        state[p + f"mlp.{name}.weight"] = w[p + f"mlp.{name}.weight"]
+    if dc.own_embedding:
+        state["embed_tokens.weight"] = w["embed_tokens.weight"]
+    if dc.draft_vocab_size:
+        if "d2t" not in w:
+            raise ValueError(f"{where}: draft_vocab_size {Nd} < vocab_size {V} but no d2t tensor")
+        state["vocab_map"] = torch.arange(Nd) + w["d2t"].long()
+    try:
+        draft.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as e:  # shapes that contradict the config
+        raise ValueError(f"{where}: weights do not match its config.json: {e}") from None
+    return draft.eval()
+
+
+def load_draft(path: str | Path, target_config: ModelConfig, dtype=torch.float32, device="cpu") -> DraftModel:
+    """An EAGLE-3 draft directory for this target: ours (`DraftModel.save`), or a LlamaForCausalLMEagle3 one
+    (imported)."""
+    if is_draft_dir(path):
+        draft = DraftModel.load(path, dtype=dtype, device=device)
+    else:
+        draft = import_llama_eagle3(path, target_config).to(device=device, dtype=dtype)
+    draft.draft_config.check_target(target_config, str(path))
+    return draft
 
 
 def is_draft_dir(path: str | Path) -> bool:
@@ -354,14 +457,11 @@ def unrolled_step_logits(draft: DraftModel, target: Transformer, ids_BT: Tensor,
     first_block = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # [B,1,T,T]
     diag = torch.eye(T, dtype=torch.bool, device=dev).expand(B, 1, T, T)
     head = draft.head_weight(target)
-    emb = target.model.word_embeddings
     g = draft.fuse(feats)
     cache = _StackedKV() if ttt_attention else None
     out = []
     for j in range(1, steps + 1):
-        ids_j = _shift_left(ids_BT, j, 0)
-        with torch.no_grad():
-            e = emb(ids_j)
+        e = draft.embed(_shift_left(ids_BT, j, 0), target)
         if ttt_attention:
             pos_j = pos_BT + (j - 1)  # where step j of base t runs at inference
             mask = torch.cat([first_block] + [diag] * (j - 1), dim=-1)

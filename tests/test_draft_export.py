@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from angelmed.draft import DraftConfig, DraftModel, export_llama_eagle3, target_features
+from angelmed.draft import DraftConfig, DraftModel, export_llama_eagle3, import_llama_eagle3, target_features
+from safetensors.torch import save_file
 from angelmed.infer.engine import Engine, GenerationRequest
 from angelmed.infer.speculative import Eagle3Drafter
 from angelmed.model import KVCache
@@ -52,6 +53,10 @@ class Reference:
         self.c = json.loads((path / "config.json").read_text())
         self.w = load_file(str(path / "model.safetensors"))
 
+    def embed(self, ids, target):
+        e = self.w.get("embed_tokens.weight")
+        return (target.model.word_embeddings.weight if e is None else e)[ids]
+
     def step(self, emb_TD, g_TD, pos_T, past):
         """One draft step over T new positions; past: (k, v, positions) of earlier steps. Returns the pre-norm
         state."""
@@ -86,6 +91,32 @@ class Reference:
         return full
 
 
+def check_against_reference(draft: DraftModel, target, ref: Reference) -> None:
+    """A catch-up step over a sequence, then one chained step: our drafter's logits over the target vocabulary equal
+    the reference's from the exported files."""
+    ids = torch.tensor([prompts(1, seed=5)[0] + prompts(1, seed=6)[0]])
+    T = ids.shape[1]
+    with torch.no_grad():
+        feats, _ = target_features(target, ids, draft.draft_config.feature_layers)
+        g = ref.w["fc.weight"] @ torch.cat(feats, -1)[0].T
+        # step 1 at positions 0..T-2 (token t+1, features at t), then one chained step at T-1 from the state at T-2
+        pos, nxt = torch.arange(T - 1), 7
+        past = []
+        r1 = ref.step(ref.embed(ids[0, 1:], target), g.T[:T - 1], pos, past)
+        r2 = ref.step(ref.embed([nxt], target), r1[-1:], torch.tensor([T - 1]), past)
+        want = torch.cat([ref.logits(r1), ref.logits(r2)])
+
+        drafter = Eagle3Drafter(target, draft)
+        lc = draft.draft_config.target_config()
+        cache = KVCache(1, T + 4, lc.num_key_value_heads, lc.head_dim, torch.float32)
+        o1 = drafter._run(ids[:, 1:], drafter.fuse(feats)[:, :T - 1], pos[None], [cache])
+        o2 = drafter._run(torch.tensor([[nxt]]), o1[:, -1:], torch.tensor([[T - 1]]), [cache])
+        got = drafter._full_logits(torch.cat([o1[0], o2[0]]))
+    fin = want.isfinite()
+    assert torch.equal(fin, got.isfinite())
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-4, atol=1e-4)
+
+
 def test_export_equals_an_independent_llama_eagle3(tmp_path, target):
     draft = llama_draft(target)
     export_llama_eagle3(draft, target, tmp_path / "out", dtype=torch.float32)
@@ -94,29 +125,54 @@ def test_export_equals_an_independent_llama_eagle3(tmp_path, target):
     assert "embed_tokens.weight" not in ref.w  # the engines share the target's embedding
     assert ref.c["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == list(draft.draft_config.feature_layers)
     assert int(ref.w["t2d"].sum()) == 100
+    check_against_reference(draft, target, ref)
 
-    ids = torch.tensor([prompts(1, seed=5)[0] + prompts(1, seed=6)[0]])
-    T = ids.shape[1]
-    with torch.no_grad():
-        feats, _ = target_features(target, ids, draft.draft_config.feature_layers)
-        g = ref.w["fc.weight"] @ torch.cat(feats, -1)[0].T
-        emb = target.model.word_embeddings.weight
-        # step 1 at positions 0..T-2 (token t+1, features at t), then one chained step at T-1 from the state at T-2
-        pos, nxt = torch.arange(T - 1), 7
-        past = []
-        r1 = ref.step(emb[ids[0, 1:]], g.T[:T - 1], pos, past)
-        r2 = ref.step(emb[[nxt]], r1[-1:], torch.tensor([T - 1]), past)
-        want = torch.cat([ref.logits(r1), ref.logits(r2)])
 
-        drafter = Eagle3Drafter(target, draft)
-        cache = KVCache(1, T + 4, draft.draft_config.target_config().num_key_value_heads, target.config.head_dim,
-                        torch.float32)
-        o1 = drafter._run(ids[:, 1:], drafter.fuse(feats)[:, :T - 1], pos[None], [cache])
-        o2 = drafter._run(torch.tensor([[nxt]]), o1[:, -1:], torch.tensor([[T - 1]]), [cache])
-        got = drafter._full_logits(torch.cat([o1[0], o2[0]]))
-    fin = want.isfinite()
-    assert torch.equal(fin, got.isfinite())
-    torch.testing.assert_close(got[fin], want[fin], rtol=1e-4, atol=1e-4)
+def test_import_of_a_foreign_llama_eagle3_draft(tmp_path, target):
+    """A draft as others publish them: its own lm_head and embedding, other head counts and head_dim than the
+    target, an unsorted d2t, vLLM's top-level aux layer ids (layer inputs). Imported, it drafts exactly what the
+    reference computes from its files; exported again, the files are unchanged."""
+    export_llama_eagle3(llama_draft(target), target, tmp_path / "ours", dtype=torch.float32)
+    c = json.loads((tmp_path / "ours" / "config.json").read_text())
+    w = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    g = torch.Generator().manual_seed(9)
+    H, V, Nd, heads, kv, hd = c["hidden_size"], c["vocab_size"], 100, 2, 1, 24
+    w["lm_head.weight"] = torch.randn(Nd, H, generator=g) * 0.5
+    w["embed_tokens.weight"] = torch.randn(V, H, generator=g)
+    w["d2t"] = torch.randperm(V, generator=g)[:Nd] - torch.arange(Nd)
+    for x, n in (("q", heads), ("k", kv), ("v", kv)):
+        w[f"midlayer.self_attn.{x}_proj.weight"] = torch.randn(n * hd, 2 * H, generator=g) * 0.1
+    w["midlayer.self_attn.o_proj.weight"] = torch.randn(H, heads * hd, generator=g) * 0.1
+    c.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd, rope_theta=5000.0)
+    c["eagle_aux_hidden_state_layer_ids"] = [1, 2, 1]  # vLLM: inputs of those layers = outputs of 0, 1, 0
+    del c["eagle_config"]
+    src = tmp_path / "foreign"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(c))
+    save_file(w, str(src / "model.safetensors"))
+
+    draft = import_llama_eagle3(src, target.config)
+    assert draft.draft_config.feature_layers == (0, 1, 0)
+    check_against_reference(draft, target, Reference(src))
+    export_llama_eagle3(draft, target, tmp_path / "again", dtype=torch.float32)
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(again[k], v) for k, v in w.items() if k != "t2d")
+
+    ps = prompts(2, seed=8)  # the native engine serves it with exact verification
+    eng = Engine(target, max_batch=2, max_seq_len=96, draft=Eagle3Drafter(target, draft), spec_tokens=2)
+    res = eng.generate([GenerationRequest(p, max_tokens=12, stop_ids=[]) for p in ps])
+    assert [r.token_ids for r in res] == [greedy_ref(target, p, 12) for p in ps]
+
+
+def test_import_refuses_layer_variants_it_does_not_build(tmp_path, target):
+    export_llama_eagle3(llama_draft(target), target, tmp_path / "d", dtype=torch.float32)
+    c = json.loads((tmp_path / "d" / "config.json").read_text())
+    (tmp_path / "d" / "config.json").write_text(json.dumps({**c, "norm_before_residual": True}))
+    with pytest.raises(ValueError, match="norm_before_residual"):
+        import_llama_eagle3(tmp_path / "d", target.config)
+    (tmp_path / "d" / "config.json").write_text(json.dumps({**c, "target_hidden_size": 2 * c["hidden_size"]}))
+    with pytest.raises(ValueError, match="target_hidden_size"):
+        import_llama_eagle3(tmp_path / "d", target.config)
 
 
 def test_llama_layout_draft_keeps_greedy_output(target):
@@ -145,6 +201,8 @@ def test_convert_cli_writes_the_sglang_layout(tmp_path, target, capsys):
     llama_draft(target).save(tmp_path / "draft")
     assert convert([str(tmp_path / "draft"), str(tmp_path / "out"), "--target", str(tmp_path / "target")]) == 0
     assert _is_sglang_eagle3(str(tmp_path / "out"))
+    from angelmed.serve.cli import make_drafter
+    assert isinstance(make_drafter(target, str(tmp_path / "out")), Eagle3Drafter)  # served natively too
     assert load_file(str(tmp_path / "out" / "model.safetensors"))["fc.weight"].dtype == torch.bfloat16
     DraftModel(DraftConfig.for_target(target.config)).init_weights(0).save(tmp_path / "native")
     capsys.readouterr()

@@ -116,3 +116,27 @@ def test_train_draft_resumes_exactly_after_a_crash(target_dir, tmp_path, monkeyp
 def test_train_draft_resume_errors(target_dir, tmp_path, capsys):
     assert train_main(["draft", "--target", str(target_dir), "--train.resume", str(tmp_path)]) == 2
     assert "train.resume" in capsys.readouterr().err
+
+
+def test_train_draft_fine_tunes_a_llama_eagle3_directory(target_dir, tmp_path):
+    """`draft.init_from` takes a LlamaForCausalLMEagle3 directory (e.g. a published draft): it trains from those
+    weights (its own head included), and the result exports back to that layout."""
+    from angelmed.checkpoint import load_model
+    from angelmed.commands import convert
+    from angelmed.draft import DraftConfig, export_llama_eagle3, import_llama_eagle3
+
+    target = load_model(target_dir)
+    start = DraftModel(DraftConfig.for_target(target.config, layout="llama")).init_weights(1)
+    export_llama_eagle3(start, target, tmp_path / "published", dtype=torch.float32)
+    before = import_llama_eagle3(tmp_path / "published", target.config)
+    out = tmp_path / "tuned"
+    assert train_main(["draft", "--target", str(target_dir), "--train.steps", "4", "--train.eval_every", "0",
+                       "--train.eval_prompts", "2", "--train.eval_max_tokens", "8", "--train.threads", "1",
+                       "--train.out_dir", str(out), "--data.seq_len", "128", "--data.micro_batch_size", "2",
+                       "--data.sources", "[{spec: icd10cm}]", "--distill.regenerate", "0",
+                       "--draft.init_from", str(tmp_path / "published")]) == 0
+    tuned = DraftModel.load(out / "last")
+    assert tuned.draft_config.layout == "llama" and tuned.draft_config.own_head
+    assert not torch.equal(tuned.lm_head.weight, before.lm_head.weight)  # its own head was trained
+    assert convert([str(out / "last"), str(tmp_path / "back"), "--target", str(target_dir)]) == 0
+    assert import_llama_eagle3(tmp_path / "back", target.config).draft_config.own_head

@@ -283,7 +283,7 @@ class Eagle3Drafter(HiddenStateDrafter):
 
     def _run(self, ids_BT: Tensor, g_BTD: Tensor, pos_BT: Tensor, caches) -> Tensor:
         mask = self.model.causal_mask(pos_BT, None, caches[0].k.shape[2])
-        emb = self.model.model.word_embeddings(ids_BT)
+        emb = self.draft.embed(ids_BT, self.model)
         return self.draft(emb, g_BTD, self.draft.rope(pos_BT, g_BTD.dtype), mask, pos_BT, caches[0])
 
     @property

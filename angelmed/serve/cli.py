@@ -148,14 +148,11 @@ def make_drafter(model, draft: str | None, dtype: str | None = None, device: str
     d = Path(draft)
     if not (d / "config.json").is_file():
         raise ValueError(f"--draft {draft}: expected 'mtp' or a directory with a config.json")
-    from angelmed.draft import DraftModel, is_draft_dir
+    from angelmed.draft import is_draft_dir, load_draft
 
-    if is_draft_dir(d):
+    if is_draft_dir(d) or _is_sglang_eagle3(draft):  # ours, or e.g. a published EAGLE-3 draft for the target
         w = model.model.word_embeddings.weight
-        return Eagle3Drafter(model, DraftModel.load(d, dtype=w.dtype, device=w.device))
-    if _is_sglang_eagle3(draft):
-        raise ValueError(f"--draft {draft}: an EAGLE-3 draft in SGLang's LlamaForCausalLMEagle3 layout; the native "
-                         "engine serves drafts trained by `angelmed train draft` (use --backend sglang for this one)")
+        return Eagle3Drafter(model, load_draft(d, model.config, dtype=w.dtype, device=w.device))
     from angelmed.checkpoint import load_model
 
     return MTPDrafter(load_model(d, dtype=dtype, device=device))

@@ -44,7 +44,7 @@ class DraftArchSection:
     intermediate_size: int = 0  # dense MLP width of the draft layer; 0: the target's intermediate_size
     draft_vocab_size: int = 0  # 0: full vocabulary; N: the N most frequent predicted tokens (EAGLE-3 d2t)
     vocab_sample_batches: int = 20  # batches counted to choose the draft vocabulary
-    init_from: str | None = None  # continue from an existing draft directory
+    init_from: str | None = None  # continue from a draft directory (ours or LlamaForCausalLMEagle3)
     init_seed: int = 0
 
 
@@ -318,7 +318,7 @@ def _regenerated(target, tok, cfg: DraftRunConfig, out_dir: Path, resuming: bool
 
 def run(cfg: DraftRunConfig) -> dict[str, Any]:
     from angelmed.checkpoint import atomic_write_text, load_model
-    from angelmed.draft import DraftConfig, DraftModel, draft_loss_from_features, target_features
+    from angelmed.draft import DraftConfig, DraftModel, draft_loss_from_features, load_draft, target_features
     from angelmed.train.checkpointing import rng_state, set_rng_state
 
     t = cfg.train
@@ -342,9 +342,8 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
     if resume_from is not None:
         draft = DraftModel.load(resume_from, dtype=torch.float32, device=device)
         draft.draft_config.check_target(tcfg, f"train.resume {resume_from}")
-    elif cfg.draft.init_from:
-        draft = DraftModel.load(cfg.draft.init_from, dtype=torch.float32, device=device)
-        draft.draft_config.check_target(tcfg, f"draft.init_from {cfg.draft.init_from}")
+    elif cfg.draft.init_from:  # ours, or a LlamaForCausalLMEagle3 draft (e.g. a published one, to fine-tune)
+        draft = load_draft(cfg.draft.init_from, tcfg, device=device)
     else:
         dc = DraftConfig.for_target(tcfg, tuple(cfg.draft.feature_layers) or None,
                                     cfg.draft.intermediate_size or None, cfg.draft.draft_vocab_size or None,
