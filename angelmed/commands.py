@@ -12,6 +12,7 @@ import torch
 
 from angelmed.checkpoint import CheckpointError, load_model, read_generation_config, save_model
 from angelmed.config import ConfigError, ModelConfig, get_preset, PRESETS
+from angelmed.hub import local_dir
 
 
 def _fail(msg: str) -> int:
@@ -67,7 +68,8 @@ def info(argv: list[str]) -> int:
     ap.add_argument("--gpu-gb", type=float, default=None,
                     help="GPU memory in GB (e.g. 80): also print the fewest GPUs for BF16 and FP8 weights")
     a = ap.parse_args(argv)
-    cfg = get_preset(a.model) if a.model in PRESETS and not Path(a.model).exists() else ModelConfig.from_json(a.model)
+    cfg = get_preset(a.model) if a.model in PRESETS and not Path(a.model).exists() else \
+        ModelConfig.from_json(local_dir(a.model, config_only=True))
     counts = cfg.param_counts()
     summary = {
         "layers": cfg.num_hidden_layers, "dense_layers": cfg.first_k_dense_replace, "hidden": cfg.hidden_size,
@@ -153,6 +155,7 @@ def logits(argv: list[str]) -> int:
     ap.add_argument("--hidden-out", help="final hidden states [B,T,H] .npy")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args(argv)
+    a.model = local_dir(a.model)
     model = load_model(a.model, dtype=a.dtype)
     ids = _load_ids(a.ids, model.config.vocab_size)
     if a.mtp_out and not model.config.num_nextn_predict_layers:
@@ -191,6 +194,7 @@ def generate(argv: list[str]) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     from angelmed.infer.generate import generate as gen
 
+    a.model = local_dir(a.model)
     model = load_model(a.model, dtype=a.dtype)
     ids = _load_ids(a.ids, model.config.vocab_size)
     eos = read_generation_config(a.model).get("eos_token_id", model.config.eos_token_id)
@@ -221,6 +225,7 @@ def convert(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     if Path(a.dst).resolve() == Path(a.src).resolve():
         raise ValueError("convert: dst must differ from src")
+    a.src, a.target = local_dir(a.src), a.target and local_dir(a.target)
     if a.target:
         from angelmed.draft import DraftModel, export_llama_eagle3
 

@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from angelmed.hub import local_dir, repo_id
+
 from angelmed.paths import data_root as resolve_data_root
 
 
@@ -97,13 +99,18 @@ def chat_backend(args) -> tuple[object, str]:
         name = args.model or _first_served_model(args.endpoint, args.api_key)
         return OpenAIChatBackend(args.endpoint, name, api_key=args.api_key, concurrency=args.concurrency,
                                  progress=True), name
+    if args.model and repo_id(args.model):  # a Hugging Face repo id: downloaded, named by the id
+        hub_name, args.model = args.model, local_dir(args.model)
+        return _local_factory("local_chat_backend")(args.model), hub_name
     if args.model and Path(args.model).is_dir():
         return _local_factory("local_chat_backend")(args.model), str(Path(args.model).resolve())
     raise SystemExit("angelmed eval: give --endpoint URL [--model NAME] or --model CHECKPOINT_DIR")
 
 
 def loglik_backend(args):
-    """(backend with .loglik, tokenizer with .encode) for a local checkpoint."""
+    """(backend with .loglik, tokenizer with .encode) for a local checkpoint (or a Hugging Face repo id)."""
+    if args.model:
+        args.model = local_dir(args.model)
     if not (args.model and Path(args.model).is_dir()):
         raise SystemExit("angelmed eval mcq --protocol loglik needs --model CHECKPOINT_DIR (chat endpoints do not "
                          "expose prompt log-probs); use --protocol generative with --endpoint")

@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 
 from angelmed import MEDICAL_ADVISORY
+from angelmed.hub import local_dir, repo_id
 
 log = logging.getLogger("angelmed.serve")
 
 
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="angelmed serve", description="OpenAI-compatible server for a checkpoint.")
-    p.add_argument("model_dir", help="HF checkpoint directory (config.json, safetensors, tokenizer files)")
+    p.add_argument("model_dir", help="HF checkpoint directory (config.json, safetensors, tokenizer files), or a "
+                                     "Hugging Face repo id org/name[@revision] (downloaded)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences (KV cache slots)")
@@ -50,7 +52,7 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def engine_command(args: argparse.Namespace, name: str) -> list[str]:
     """The vLLM / SGLang command serving the same checkpoint (spec model.md §8)."""
-    d = str(Path(args.model_dir).resolve())
+    d = args.model_dir if repo_id(args.model_dir) else str(Path(args.model_dir).resolve())
     if args.backend == "vllm":
         cmd = ["vllm", "serve", d, "--trust-remote-code", "--served-model-name", name,
                "--host", args.host, "--port", str(args.port), "--max-num-seqs", str(args.max_batch)]
@@ -192,10 +194,19 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
 def main(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not Path(args.model_dir).is_dir():
+    hub_model = repo_id(args.model_dir)
+    name = args.served_model_name or (hub_model[0] if hub_model else Path(args.model_dir).resolve().name)
+    try:  # vLLM/SGLang download a Hub model themselves: fetch only what builds their command
+        if args.backend == "native" and not args.print_only:
+            args.model_dir = local_dir(args.model_dir)
+        if args.draft and args.draft != "mtp":
+            args.draft = local_dir(args.draft, config_only=args.backend != "native")
+    except FileNotFoundError as e:
+        print(f"angelmed serve: {e}", file=sys.stderr)
+        return 2
+    if not hub_model and not Path(args.model_dir).is_dir():
         print(f"angelmed serve: model directory {args.model_dir!r} not found", file=sys.stderr)
         return 2
-    name = args.served_model_name or Path(args.model_dir).resolve().name
     if args.backend != "native":
         for w in _engine_warnings(args):
             print(f"warning: {w}", file=sys.stderr)
@@ -274,6 +285,8 @@ def chat(argv: list[str]) -> int:
     console = Console()
     console.print(Panel(MEDICAL_ADVISORY, title="angelmed", border_style="yellow"))
     try:
+        args.model_dir = local_dir(args.model_dir)
+        args.draft = local_dir(args.draft) if args.draft and args.draft != "mtp" else args.draft
         engine, tokenizer = build_engine(args.model_dir, max_batch=1, max_seq_len=args.max_seq_len, dtype=args.dtype,
                                          device=args.device, draft=args.draft, compile=args.compile,
                                          quantize=args.quantize)

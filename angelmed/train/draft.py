@@ -100,9 +100,16 @@ class DraftRunConfig:
 
 def load_draft_config(path: str | Path | None = None, overrides: list[str] | None = None,
                       target: str | None = None) -> DraftRunConfig:
+    from angelmed.hub import local_dir
+
     cfg = resolve_config(DraftRunConfig, DraftRunConfig(), "draft", path, overrides)
     if target:
         cfg.target = target
+    try:  # Hugging Face repo ids (a target, a published draft to fine-tune) are downloaded
+        cfg.target = cfg.target and local_dir(cfg.target)
+        cfg.draft.init_from = cfg.draft.init_from and local_dir(cfg.draft.init_from)
+    except FileNotFoundError as e:
+        raise RunConfigError(str(e)) from None
     validate(cfg)
     return cfg
 
