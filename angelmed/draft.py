@@ -42,6 +42,7 @@ from angelmed.model import MLP, Attention, DecoderLayer, RMSNorm, Transformer, r
 DRAFT_ARCH = "AngelmedEagle3Draft"
 DRAFT_MODEL_TYPE = "angelmed_eagle3_draft"
 IGNORE_INDEX = -100
+LAYOUTS = ("angelmed", "llama")  # the draft's decoder layer: ours, or LlamaForCausalLMEagle3's
 
 
 @dataclass
@@ -123,9 +124,6 @@ class LlamaEagle3Layer(nn.Module):
         x = torch.cat([self.input_layernorm(emb_BTD), self.hidden_norm(g_BTD)], dim=-1)
         r = g_BTD + self.self_attn(x, rope, mask, pos_BT, cache)
         return r + self.mlp(self.post_attention_layernorm(r))
-
-
-LAYOUTS = ("angelmed", "llama")
 
 
 class DraftModel(nn.Module):
@@ -256,7 +254,8 @@ def export_llama_eagle3(draft: DraftModel, target: Transformer, path: str | Path
     """Write a `layout: llama` draft as the LlamaForCausalLMEagle3 directory SGLang (and vLLM) load as an EAGLE-3
     draft: fc, midlayer.* (q/k/v/o split out of our fused projection), norm, lm_head = the target's head rows the
     draft scores (or its own), d2t/t2d for a reduced vocabulary. No embed_tokens unless the draft has its own: the
-    engines then share the target's, as the draft was trained. The aux layer ids go in `eagle_config` with SGLang's meaning (the output of layer i)."""
+    engines then share the target's, as the draft was trained. The aux layer ids go in `eagle_config` with
+    SGLang's meaning (the output of layer i)."""
     from safetensors.torch import save_file
 
     from angelmed.checkpoint import atomic_dir
@@ -345,7 +344,8 @@ def import_llama_eagle3(path: str | Path, target_config: ModelConfig) -> DraftMo
                        "head_dim": c.get("head_dim", H // c["num_attention_heads"]),
                        "rms_norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": c.get("rope_theta", 10000.0),
                        "rope_scaling": c.get("rope_scaling"),
-                       "max_position_embeddings": c.get("max_position_embeddings", target_config.max_position_embeddings)}
+                       "max_position_embeddings": c.get("max_position_embeddings",
+                                                        target_config.max_position_embeddings)}
     dc.own_head, dc.own_embedding = True, "embed_tokens.weight" in w
     draft = DraftModel(dc)
     p = "midlayer."

@@ -293,7 +293,7 @@ def padded_bmm(gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor):
     """An ffn for `sorted_by_expert` as three batched GEMMs over [E, C, D]: each expert's rows padded to the
     largest count C (one host sync). Past 4x padding (routing far from balanced) it loops over the experts."""
     def ffn(x_sorted: Tensor, counts_E: Tensor) -> Tensor:
-        (E, R), C = counts_E.shape + x_sorted.shape[:1], int(counts_E.max())
+        E, R, C = counts_E.numel(), x_sorted.shape[0], int(counts_E.max())
         if E * C > 4 * R:
             return swiglu_loop(gate_EID, up_EID, down_EDI)(x_sorted, counts_E)
         e_R = torch.repeat_interleave(torch.arange(E, device=x_sorted.device), counts_E, output_size=R)
