@@ -75,3 +75,29 @@ def test_generate_from_a_repo_id_downloads_the_checkpoint(hub, tmp_path):
                      "--out", str(tmp_path / "out.npy")]) == 0
     assert hub[-1] == ("acme/tiny-med", None, CHECKPOINT_FILES)
     assert np.load(tmp_path / "out.npy").shape == (1, 3)
+
+
+def test_sglang_command_passes_a_hub_draft_id_through(hub, tmp_path, monkeypatch, capsys):
+    """An EAGLE-3 draft on the Hub in SGLang's layout: its config decides the flags, the id goes to SGLang."""
+    import json
+
+    import huggingface_hub
+
+    from angelmed.serve.cli import main as serve
+
+    real = huggingface_hub.snapshot_download
+    draft = tmp_path / "eagle3"
+    draft.mkdir()
+    (draft / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLMEagle3"]}))
+
+    def fake(repo, revision=None, allow_patterns=None, **kw):
+        if repo == "acme/tiny-med-eagle3":
+            hub.append((repo, revision, allow_patterns))
+            return str(draft)
+        return real(repo, revision, allow_patterns, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert serve(["acme/tiny-med", "--backend", "sglang", "--draft", "acme/tiny-med-eagle3", "--print-only"]) == 0
+    out = capsys.readouterr().out
+    assert "--speculative-algorithm EAGLE3 --speculative-draft-model-path acme/tiny-med-eagle3 " in out
+    assert hub[-1] == ("acme/tiny-med-eagle3", None, ["config.json"])

@@ -72,29 +72,42 @@ def engine_command(args: argparse.Namespace, name: str) -> list[str]:
         if args.draft == "mtp":  # SGLang's NEXTN draft = the checkpoint's MTP layer (one layer, topk 1)
             cmd += ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(k),
                     "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1)]
-        elif args.draft and _is_sglang_eagle3(args.draft):  # an EAGLE-3 draft in SGLang's own layout
-            cmd += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path",
-                    str(Path(args.draft).resolve()), "--speculative-num-steps", str(k),
-                    "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1)]
+        elif args.draft and _is_sglang_eagle3(_draft_config_dir(args)):  # an EAGLE-3 draft in SGLang's own layout
+            draft = args.draft if repo_id(args.draft) else str(Path(args.draft).resolve())
+            cmd += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft,
+                    "--speculative-num-steps", str(k), "--speculative-eagle-topk", "1",
+                    "--speculative-num-draft-tokens", str(k + 1)]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     return cmd
 
 
+def _draft_config_dir(args: argparse.Namespace) -> str:
+    """A directory holding the draft's config.json: the draft itself, or for a Hub id its config alone (the engine
+    command passes the id on; SGLang downloads the weights)."""
+    return local_dir(args.draft, config_only=True)
+
+
 def _engine_warnings(args: argparse.Namespace) -> list[str]:
     d = Path(args.model_dir)
     out = []
-    if not (d / "configuration_bailing_moe_v2.py").is_file() or not (d / "modeling_bailing_moe_v2.py").is_file():
+    if repo_id(args.model_dir):
+        pass  # a Hub repo: the engine fetches it with its remote code
+    elif not (d / "configuration_bailing_moe_v2.py").is_file() or not (d / "modeling_bailing_moe_v2.py").is_file():
         out.append(f"{d} lacks configuration_bailing_moe_v2.py / modeling_bailing_moe_v2.py; --trust-remote-code "
                    "needs them (re-export with `angelmed convert --hf-remote-code`)")
     if args.backend == "vllm" and args.draft:
         out.append("vLLM has no MTP/EAGLE support for BailingMoeV2; --draft is ignored for vllm (docs/draft.md)")
-    if args.backend == "sglang" and args.draft and args.draft != "mtp" and not _is_sglang_eagle3(args.draft):
-        from angelmed.draft import is_draft_dir
+    if args.backend == "sglang" and args.draft and args.draft != "mtp" and \
+            not _is_sglang_eagle3(_draft_config_dir(args)):
+        from angelmed.draft import is_draft_dir, read_draft_config
 
-        if is_draft_dir(args.draft):
-            out.append(f"{args.draft} is an angelmed EAGLE-3 draft, whose layer layout SGLang does not load "
-                       "(it expects LlamaForCausalLMEagle3); the draft is ignored for sglang (docs/draft.md)")
+        if is_draft_dir(_draft_config_dir(args)):
+            how = (f"export it with `angelmed convert {args.draft} DST --target {args.model_dir}` and pass DST"
+                   if read_draft_config(_draft_config_dir(args)).layout == "llama" else
+                   "train one with draft.layout: llama and export it (`angelmed convert DRAFT DST --target MODEL`)")
+            out.append(f"{args.draft} is an angelmed EAGLE-3 draft; SGLang loads the LlamaForCausalLMEagle3 "
+                       f"directory: {how}. The draft is ignored for sglang (docs/draft.md)")
         else:
             out.append("only --draft mtp or an EAGLE-3 draft in SGLang's layout map to SGLang; the draft is ignored")
     if args.quantize:
@@ -196,11 +209,13 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hub_model = repo_id(args.model_dir)
     name = args.served_model_name or (hub_model[0] if hub_model else Path(args.model_dir).resolve().name)
-    try:  # vLLM/SGLang download a Hub model themselves: fetch only what builds their command
+    try:  # Hub ids: the native server downloads; vLLM/SGLang download themselves (their command gets the id)
         if args.backend == "native" and not args.print_only:
             args.model_dir = local_dir(args.model_dir)
-        if args.draft and args.draft != "mtp":
-            args.draft = local_dir(args.draft, config_only=args.backend != "native")
+            if args.draft and args.draft != "mtp":
+                args.draft = local_dir(args.draft)
+        elif args.draft and args.draft != "mtp":
+            _draft_config_dir(args)  # its config now (the command depends on its layout), or a clear error
     except FileNotFoundError as e:
         print(f"angelmed serve: {e}", file=sys.stderr)
         return 2
