@@ -216,3 +216,4 @@ def test_sglang_command_for_eagle3_drafts(tmp_path, target, trained, capsys):
     assert main([str(tmp_path / "model"), "--backend", "sglang", "--draft", str(tmp_path / "ours")]) == 0
     out = capsys.readouterr()
     assert "--speculative-algorithm" not in out.out and "LlamaForCausalLMEagle3" in out.err
+    assert "draft.layout: llama" in out.err and "angelmed convert" in out.err  # how to get the loadable one
