@@ -12,7 +12,8 @@ Throughput: held-out chat prompts (never seen by the target or the draft), greed
 reply with the tokenizer's stop ids; 2 x concurrency requests per measurement (the queue keeps every slot busy),
 best of `--repeats` alternating runs. Greedy outputs with the draft are asserted identical to those without it.
 
-    python benchmarks/bench_draft.py [--target DIR] [--draft DIR] [--k 3] [--threads 1] [--compile] [--dtype bfloat16]
+    python benchmarks/bench_draft.py [--target DIR] [--draft DIR | --draft-layout llama] [--k 3] [--threads 1]
+                                     [--compile] [--dtype bfloat16]
 
 Last line: one JSON object.
 """
@@ -79,12 +80,13 @@ def build_target(work: Path, steps: int, threads: int) -> Path:
 def build_draft(work: Path, target: Path, args) -> Path:
     from angelmed.train.draft import load_draft_config, run
 
-    out = work / "draft"
+    out = work / ("draft" if args.draft_layout == "angelmed" else f"draft_{args.draft_layout}")
     if (out / "best" / "config.json").is_file():
         return out / "best"
     cfg = load_draft_config(None, [
         "--data.sources", json.dumps(SOURCES), "--data.seq_len", "384", "--data.micro_batch_size", "8",
-        "--draft.draft_vocab_size", str(args.draft_vocab), "--distill.regenerate", str(args.regenerate),
+        "--draft.draft_vocab_size", str(args.draft_vocab), "--draft.layout", args.draft_layout,
+        "--distill.regenerate", str(args.regenerate),
         "--distill.max_new_tokens", "160", "--distill.batch", "32",
         "--train.steps", str(args.draft_steps), "--train.eval_every", str(max(1, args.draft_steps // 3)),
         "--train.lr", "3e-3", "--train.warmup_steps", "20", "--train.eval_spec_tokens", str(args.k),
@@ -127,6 +129,8 @@ def main() -> None:
     ap.add_argument("--target-steps", type=int, default=300)
     ap.add_argument("--draft-steps", type=int, default=300)
     ap.add_argument("--draft-vocab", type=int, default=1024)
+    ap.add_argument("--draft-layout", default="angelmed", choices=["angelmed", "llama"],
+                    help="the draft layer trained here (llama: LlamaForCausalLMEagle3, which SGLang loads)")
     ap.add_argument("--regenerate", type=int, default=512, help="training prompts the target answers (distill)")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--concurrency", default="1,8,32")
@@ -164,8 +168,8 @@ def main() -> None:
     pool = heldout_prompts(cfg, tok, 2 * max(concs), 256)
     out = {"target": str(target_dir), "target_source": "given" if args.target else
            f"stand-in: small preset, SFT {args.target_steps} steps on {'+'.join(x['spec'] for x in SOURCES)} chats",
-           "draft": str(draft_dir), "k": args.k, "new_tokens": args.new_tokens, "threads": args.threads,
-           "compile": args.compile,
+           "draft": str(draft_dir), "draft_layout": draft.draft_config.layout, "k": args.k,
+           "new_tokens": args.new_tokens, "threads": args.threads, "compile": args.compile,
            "device": "cpu", "results": {}}
     print(f"target {target_dir} ({model.config.param_counts()['total']:,} params), draft {draft_dir}, k={args.k}, "
           f"{args.threads} thread(s)")
