@@ -47,6 +47,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-safety", action="store_true", help="turn the medical safety layer off")
     p.add_argument("--log-text", action="store_true", help="log prompt and completion text (off by default)")
     p.add_argument("--log-level", default="info")
+    p.set_defaults(draft_config=None)  # with --backend vllm|sglang: a directory holding the draft's config.json
     return p
 
 
@@ -72,7 +73,7 @@ def engine_command(args: argparse.Namespace, name: str) -> list[str]:
         if args.draft == "mtp":  # SGLang's NEXTN draft = the checkpoint's MTP layer (one layer, topk 1)
             cmd += ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", str(k),
                     "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(k + 1)]
-        elif args.draft and _is_sglang_eagle3(_draft_config_dir(args)):  # an EAGLE-3 draft in SGLang's own layout
+        elif args.draft and _is_sglang_eagle3(args.draft_config):  # an EAGLE-3 draft in SGLang's own layout
             draft = args.draft if repo_id(args.draft) else str(Path(args.draft).resolve())
             cmd += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft,
                     "--speculative-num-steps", str(k), "--speculative-eagle-topk", "1",
@@ -82,29 +83,21 @@ def engine_command(args: argparse.Namespace, name: str) -> list[str]:
     return cmd
 
 
-def _draft_config_dir(args: argparse.Namespace) -> str:
-    """A directory holding the draft's config.json: the draft itself, or for a Hub id its config alone (the engine
-    command passes the id on; SGLang downloads the weights)."""
-    return local_dir(args.draft, config_only=True)
-
-
 def _engine_warnings(args: argparse.Namespace) -> list[str]:
     d = Path(args.model_dir)
     out = []
-    if repo_id(args.model_dir):
-        pass  # a Hub repo: the engine fetches it with its remote code
-    elif not (d / "configuration_bailing_moe_v2.py").is_file() or not (d / "modeling_bailing_moe_v2.py").is_file():
+    remote_code = (d / "configuration_bailing_moe_v2.py").is_file() and (d / "modeling_bailing_moe_v2.py").is_file()
+    if not remote_code and not repo_id(args.model_dir):  # a Hub repo ships its own
         out.append(f"{d} lacks configuration_bailing_moe_v2.py / modeling_bailing_moe_v2.py; --trust-remote-code "
                    "needs them (re-export with `angelmed convert --hf-remote-code`)")
     if args.backend == "vllm" and args.draft:
         out.append("vLLM has no MTP/EAGLE support for BailingMoeV2; --draft is ignored for vllm (docs/draft.md)")
-    if args.backend == "sglang" and args.draft and args.draft != "mtp" and \
-            not _is_sglang_eagle3(_draft_config_dir(args)):
+    if args.backend == "sglang" and args.draft and args.draft != "mtp" and not _is_sglang_eagle3(args.draft_config):
         from angelmed.draft import is_draft_dir, read_draft_config
 
-        if is_draft_dir(_draft_config_dir(args)):
+        if is_draft_dir(args.draft_config):
             how = (f"export it with `angelmed convert {args.draft} DST --target {args.model_dir}` and pass DST"
-                   if read_draft_config(_draft_config_dir(args)).layout == "llama" else
+                   if read_draft_config(args.draft_config).layout == "llama" else
                    "train one with draft.layout: llama and export it (`angelmed convert DRAFT DST --target MODEL`)")
             out.append(f"{args.draft} is an angelmed EAGLE-3 draft; SGLang loads the LlamaForCausalLMEagle3 "
                        f"directory: {how}. The draft is ignored for sglang (docs/draft.md)")
@@ -214,8 +207,8 @@ def main(argv: list[str]) -> int:
             args.model_dir = local_dir(args.model_dir)
             if args.draft and args.draft != "mtp":
                 args.draft = local_dir(args.draft)
-        elif args.draft and args.draft != "mtp":
-            _draft_config_dir(args)  # its config now (the command depends on its layout), or a clear error
+        elif args.draft and args.draft != "mtp":  # the command depends on the draft's layout: its config only
+            args.draft_config = local_dir(args.draft, config_only=True)
     except FileNotFoundError as e:
         print(f"angelmed serve: {e}", file=sys.stderr)
         return 2
