@@ -101,3 +101,16 @@ def test_sglang_command_passes_a_hub_draft_id_through(hub, tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert "--speculative-algorithm EAGLE3 --speculative-draft-model-path acme/tiny-med-eagle3 " in out
     assert hub[-1] == ("acme/tiny-med-eagle3", None, ["config.json"])
+
+
+def test_training_starts_from_a_repo_id(hub):
+    """model.init_from takes a repo id: the run starts from the downloaded checkpoint; a dry-run plan fetches only
+    its config."""
+    from angelmed.train.config import load_config
+
+    cfg = load_config("sft", None, ["--model.init_from", "acme/tiny-med"])
+    assert hub[-1] == ("acme/tiny-med", None, CHECKPOINT_FILES)
+    assert cfg.model.init_from.endswith("main") and (__import__("pathlib").Path(cfg.model.init_from) /
+                                                      "model.safetensors").is_file()
+    load_config("cpt", None, ["--model.init_from", "acme/tiny-med"], config_only=True)
+    assert hub[-1][2] == ["config.json"]

@@ -26,8 +26,8 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def parse_stage_args(stage: str, argv: list[str]):
-    """--config FILE plus overrides -> RunConfig (errors name the bad key)."""
+def parse_stage_args(stage: str, argv: list[str], config_only: bool = False):
+    """--config FILE plus overrides -> RunConfig (errors name the bad key). config_only: see load_config."""
     from angelmed.train.config import load_config
 
     argv = list(argv)
@@ -44,7 +44,7 @@ def parse_stage_args(stage: str, argv: list[str]):
             path = a.split("=", 1)[1]
             del argv[i]
             break
-    return load_config(stage, path, argv)
+    return load_config(stage, path, argv, config_only)
 
 
 def main(argv: list[str] | None = None) -> int:

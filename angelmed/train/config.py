@@ -24,7 +24,7 @@ class RunConfigError(ValueError):
 @dataclass
 class ModelSection:
     preset: str = "tiny"  # angelmed.config preset when init_from is empty
-    init_from: str | None = None  # HF checkpoint directory to start from (CPT from a base, SFT from CPT)
+    init_from: str | None = None  # HF checkpoint directory (or Hub repo id) to start from (CPT from a base, ...)
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (preset runs only)
     init_seed: int = 0
 
@@ -264,10 +264,23 @@ def resolve_config(cls: type, base: Any, stage: str, path: str | Path | None, ov
     return cfg
 
 
-def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None,
+                config_only: bool = False) -> RunConfig:
     cfg = resolve_config(RunConfig, default_config(stage), stage, path, overrides)
+    download_init_from(cfg, config_only)
     validate(cfg)
     return cfg
+
+
+def download_init_from(cfg, config_only: bool = False) -> None:
+    """A Hugging Face repo id in model.init_from becomes its downloaded snapshot directory (config_only: just its
+    config.json, for plans that allocate nothing)."""
+    from angelmed.hub import local_dir
+
+    try:
+        cfg.model.init_from = cfg.model.init_from and local_dir(cfg.model.init_from, config_only)
+    except FileNotFoundError as e:
+        raise RunConfigError(f"model.init_from: {e}") from None
 
 
 def validate(cfg: RunConfig) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 
-from angelmed.train.config import RunConfig, RunConfigError, default_config, resolve_config, validate
+from angelmed.train.config import (RunConfig, RunConfigError, default_config, download_init_from, resolve_config,
+                                   validate)
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -79,6 +80,7 @@ def grpo_default_config() -> GRPORunConfig:
 
 def load_grpo_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GRPORunConfig:
     cfg = resolve_config(GRPORunConfig, grpo_default_config(), "grpo", path, overrides)
+    download_init_from(cfg)
     validate(cfg)
     validate_grpo(cfg)
     return cfg

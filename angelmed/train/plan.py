@@ -61,7 +61,7 @@ def main(stage: str, argv: list[str]) -> int:
     ap.add_argument("--gpus-per-node", type=int, default=1)
     ap.add_argument("--gpu-gib", type=float, default=79.0, help="usable memory per GPU (H100 80GB: ~79 GiB)")
     known, rest = ap.parse_known_args(argv)
-    cfg = parse_stage_args(stage, rest)
+    cfg = parse_stage_args(stage, rest, config_only=True)
     p = plan(cfg, known.nodes * known.gpus_per_node)
     print(f"dry run of `angelmed train {stage}` on {known.nodes} node(s) x {known.gpus_per_node} GPU(s) "
           f"(model built on the meta device: nothing allocated)")
