@@ -63,6 +63,13 @@ def test_mtp_drafts_with_prefix_reuse_equal_a_full_prefill(model):
     assert sum(hist) > 0
 
 
+def test_lm_drafter_with_prefix_reuse_still_accepts_everything(model):
+    """The target as its own LM draft: with its cached prefix carried over, every draft still passes (a wrong
+    entry in the drafter's cache would make drafts the target rejects)."""
+    hist = check_prefix_reuse_with_draft(model, lambda: LMDrafter(model), prompts(4, seed=22))
+    assert sum(hist[:-1]) == 0 and hist[-1] > 0
+
+
 def test_compiled_speculative_rounds_match_eager(model):
     """Engine(compile=True): a round (drafts, verify, acceptance) runs as one compiled graph; greedy output is
     still plain greedy, and seeded sampling gives the eager speculative engine's tokens."""

@@ -401,8 +401,8 @@ class Engine:
                  compile: bool = False, draft=None, spec_tokens: int = 3, max_prefill_tokens: int = 8192,
                  prefix_reuse: bool = True):
         """draft: a speculative.DraftModel (e.g. MTPDrafter(model)); spec_tokens: tokens drafted per round;
-        prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft too, where the
-        drafter can take its own cached entries: the hidden-state drafters)."""
+        prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft, the drafter takes
+        its own cached entries for that prefix too)."""
         self.model = model.eval()
         self.cfg = model.config
         self.tokenizer = tokenizer
@@ -435,9 +435,9 @@ class Engine:
         self.counter_B = torch.zeros(B, dtype=torch.long, device=dev)
         self.seen_BV = torch.zeros(B, self.vocab_size, dtype=torch.bool, device=dev)
         self.slots: list[_Slot | None] = [None] * B
-        self.prefix_reuse = prefix_reuse and (draft is None or draft.prefix_reuse)
+        self.prefix_reuse = prefix_reuse
         # Reusing r cached prompt tokens still recomputes positions [0, head): free rows inside a step's batch
-        # write there (decode: position 0; a speculative round: the target 0..k, the drafter up to 2k-1). With a
+        # write there (decode: position 0; a speculative round: the target 0..k, the drafter up to 2k). With a
         # drafter the tail starts one early, at r-1: drafter position t takes the target's features at t.
         self._reuse_head = 1 if draft is None else 2 * (self.spec_tokens + 1)
         self._reuse_back = 0 if draft is None else 1

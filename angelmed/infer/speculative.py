@@ -74,15 +74,14 @@ class DraftModel(Protocol):
                copies: list[tuple[int, int, int, int]]) -> None:
         """Take in new prompts for the given slots: the positions the target ran (pos_BT, right-padded past each
         row's end), their tokens, the prompt token after each, and the target's hidden states there. copies:
-        (row, source slot, lo, hi): positions [lo, hi) the target took from that slot's cache (prefix reuse;
-        empty unless `prefix_reuse`)."""
+        (row, source slot, lo, hi): positions [lo, hi) the target took from that slot's cache (prefix reuse), which
+        the drafter takes from its own."""
 
     def propose(self, state: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
         """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n). q may be None when
         state.sample is False: greedy rounds compare tokens only."""
 
     moe: bool  # has MoE layers (then compiled proposals pay only at small batch; see Engine._compiled_pays)
-    prefix_reuse: bool  # can copy its own entries for a reused prompt prefix (see `absorb`)
 
 
 def probs_from_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, filt: bool,
@@ -157,7 +156,6 @@ class HiddenStateDrafter:
     sees (token t+1, target features at t). Subclasses give `_cache`, `_run` and `_dtype`."""
 
     kv: SlotCaches | None = None
-    prefix_reuse = True
 
     def allocate(self, max_batch: int, max_len: int) -> None:
         self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
@@ -225,15 +223,17 @@ class LMDrafter:
         self.model = model.eval()
         self.kv: SlotCaches | None = None
         self.moe = any(isinstance(m, Experts) for m in model.modules())
-        self.prefix_reuse = False  # its cache would need the same bookkeeping; not built
 
     def allocate(self, max_batch: int, max_len: int) -> None:
         self.kv = SlotCaches(self.model.make_caches(max_batch, max_len + 1), max_len + 1)
 
     def absorb(self, slots: Tensor, ids_BT: Tensor, next_BT: Tensor, hidden_BTD: Tensor, pos_BT: Tensor,
                copies: list[tuple[int, int, int, int]]) -> None:
+        # token t at position t, as the target's cache; the sampled token after the prompt comes next
         tmp = self.model.make_caches(pos_BT.shape[0], int(pos_BT.max()) + 1)
-        self.model(ids_BT, pos_BT=pos_BT, caches=tmp, compute_logits=False)  # the sampled token after it comes next
+        for row, src, lo, hi in copies:
+            self.kv.read_range(src, lo, hi, tmp, row)
+        self.model(ids_BT, pos_BT=pos_BT, caches=tmp, compute_logits=False)
         self.kv.write_rows(slots, tmp)
 
     def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor]:
