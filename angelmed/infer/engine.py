@@ -15,7 +15,11 @@ decode step needs no generator objects and no host syncs (it can be compiled).
 Prefix reuse: a finished request leaves its tokens' K/V in its slot. A new request whose prompt starts with
 those tokens (the next turn of the same chat, or the same system prompt) takes them from that slot (copied into a
 slot among the rows decode steps already cover, if that one lies past them) and prefills only the rest of its
-prompt. Position 0 is computed again: free slots' decode writes land there.
+prompt. The first positions are computed again: free slots' decode writes land there (position 0; with a draft,
+the first 2(k+1)). A drafter takes its own cached entries for the prefix the same way.
+
+Prefill: one admission's prompts run in forwards of similar length (`prefill_groups`), so a long prompt does not
+pad every short one.
 
 Used by GRPO rollouts and eval (`generate`, blocking), the server (`start()` + `stream()`), and the terminal
 chat. Shape suffixes: B slots, T tokens, V vocab, S cache positions.
