@@ -298,6 +298,16 @@ def export_llama_eagle3(draft: DraftModel, target: Transformer, path: str | Path
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _llama_eagle3_names(w: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tensor names as SGLang writes them (`midlayer.*`, no `model.` prefix); other trainers write `layers.0.*`
+    and/or a `model.` prefix, which vLLM maps the same way."""
+    out = {}
+    for k, v in w.items():
+        k = k.removeprefix("model.")
+        out["midlayer." + k.removeprefix("layers.0.") if k.startswith("layers.0.") else k] = v
+    return out
+
+
 _LLAMA_VARIANTS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output", "attention_bias")
 
 
@@ -334,7 +344,14 @@ def import_llama_eagle3(path: str | Path, target_config: ModelConfig) -> DraftMo
         layers = tuple(i - 1 for i in c["eagle_aux_hidden_state_layer_ids"])
     else:
         layers = None
-    w = load_file(str(path / "model.safetensors"))
+    w = _llama_eagle3_names(load_file(str(path / "model.safetensors")))
+    p = "midlayer."
+    need = ["fc.weight", "norm.weight", "lm_head.weight", *(p + f"self_attn.{x}_proj.weight" for x in "qkvo"),
+            *(p + f"{n}.weight" for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")),
+            *(p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down"))]
+    missing = [k for k in need if k not in w]
+    if missing:
+        raise ValueError(f"{where}: model.safetensors lacks {missing}")
     V, Nd = c.get("vocab_size", target_config.vocab_size), c.get("draft_vocab_size") or target_config.vocab_size
     if V != target_config.vocab_size:
         raise ValueError(f"{where}: vocab_size {V} vs the target's {target_config.vocab_size}")
@@ -348,7 +365,6 @@ def import_llama_eagle3(path: str | Path, target_config: ModelConfig) -> DraftMo
                                                         target_config.max_position_embeddings)}
     dc.own_head, dc.own_embedding = True, "embed_tokens.weight" in w
     draft = DraftModel(dc)
-    p = "midlayer."
     state = {"fc.weight": w["fc.weight"], "norm.weight": w["norm.weight"], "lm_head.weight": w["lm_head.weight"],
              p + "self_attn.query_key_value.weight": torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
              p + "self_attn.dense.weight": w[p + "self_attn.o_proj.weight"]}

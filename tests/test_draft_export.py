@@ -4,6 +4,7 @@ give our draft's logits for the catch-up step over a sequence and for a chained 
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -162,6 +163,21 @@ def test_import_of_a_foreign_llama_eagle3_draft(tmp_path, target):
     eng = Engine(target, max_batch=2, max_seq_len=96, draft=Eagle3Drafter(target, draft), spec_tokens=2)
     res = eng.generate([GenerationRequest(p, max_tokens=12, stop_ids=[]) for p in ps])
     assert [r.token_ids for r in res] == [greedy_ref(target, p, 12) for p in ps]
+
+
+def test_import_takes_vllm_style_tensor_names(tmp_path, target):
+    """`model.layers.0.*` / `model.fc.weight` (other trainers' names) import as `midlayer.*` / `fc.weight`; a
+    missing tensor is named."""
+    export_llama_eagle3(llama_draft(target), target, tmp_path / "a", dtype=torch.float32)
+    w = load_file(str(tmp_path / "a" / "model.safetensors"))
+    renamed = {k if k == "lm_head.weight" else "model." + k.replace("midlayer.", "layers.0."): v for k, v in w.items()}
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    save_file(renamed, str(tmp_path / "b" / "model.safetensors"))
+    check_against_reference(import_llama_eagle3(tmp_path / "b", target.config), target, Reference(tmp_path / "a"))
+    del renamed["model.layers.0.mlp.up_proj.weight"]
+    save_file(renamed, str(tmp_path / "b" / "model.safetensors"))
+    with pytest.raises(ValueError, match="midlayer.mlp.up_proj.weight"):
+        import_llama_eagle3(tmp_path / "b", target.config)
 
 
 def test_import_refuses_layer_variants_it_does_not_build(tmp_path, target):
