@@ -10,7 +10,8 @@ training prompts, training-time-test loss, reduced draft vocabulary) and cached 
 
 Throughput: held-out chat prompts (never seen by the target or the draft), greedy, up to `--new-tokens` tokens per
 reply with the tokenizer's stop ids; 2 x concurrency requests per measurement (the queue keeps every slot busy),
-best of `--repeats` alternating runs. Greedy outputs with the draft are asserted identical to those without it.
+best of `--repeats` alternating runs. Greedy outputs with the draft are asserted identical to those without it
+(fp32; in bf16 a near-tie may round differently over 1 and k+1 positions, so identical replies are counted).
 
     python benchmarks/bench_draft.py [--target DIR] [--draft DIR | --draft-layout llama] [--k 3] [--threads 1]
                                      [--compile] [--dtype bfloat16]

@@ -90,13 +90,15 @@ def main() -> None:
     m = metrics["reuse"]
     cached_share = m.prompt_tokens_cached / m.prompt_tokens
     (w_r, t_r), (w_f, t_f) = best["reuse"], best["full_prefill"]
-    print(f"[{args.preset}{', MTP draft' if args.mtp_draft else ''}] {args.conversations} conversations x {args.turns} turns, system {args.system_tokens}, "
+    print(f"[{args.preset}{', MTP draft' if args.mtp_draft else ''}] {args.conversations} conversations x "
+          f"{args.turns} turns, system {args.system_tokens}, "
           f"user {args.user_tokens}, reply {args.reply_tokens} tokens; {m.prompt_tokens} prompt tokens, "
           f"{cached_share:.1%} served from cache")
     print(f"  session wall: reuse {w_r:.2f} s vs full prefill {w_f:.2f} s (x{w_f / w_r:.2f})")
     print(f"  mean time to first token: reuse {t_r * 1e3:.0f} ms vs full prefill {t_f * 1e3:.0f} ms "
           f"(x{t_f / t_r:.2f})")
-    print(json.dumps({"preset": args.preset, "mtp_draft": args.mtp_draft, "conversations": args.conversations, "turns": args.turns,
+    print(json.dumps({"preset": args.preset, "mtp_draft": args.mtp_draft, "conversations": args.conversations,
+                      "turns": args.turns,
                       "prompt_tokens": m.prompt_tokens, "cached_share": round(cached_share, 3),
                       "wall_s_reuse": round(w_r, 3), "wall_s_full_prefill": round(w_f, 3),
                       "speedup_wall": round(w_f / w_r, 2), "ttft_ms_reuse": round(t_r * 1e3, 1),
