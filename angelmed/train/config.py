@@ -273,14 +273,20 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
 
 
 def download_init_from(cfg, config_only: bool = False) -> None:
-    """A Hugging Face repo id in model.init_from becomes its downloaded snapshot directory (config_only: just its
-    config.json, for plans that allocate nothing)."""
+    """model.init_from as a local directory (see `checkpoint_dir`; config_only: just its config.json, for plans
+    that allocate nothing)."""
+    cfg.model.init_from = checkpoint_dir("model.init_from", cfg.model.init_from, config_only)
+
+
+def checkpoint_dir(key: str, value: str | None, config_only: bool = False) -> str | None:
+    """A config value naming a checkpoint directory: a Hugging Face repo id there is downloaded (angelmed.hub);
+    a failure is a config error naming the key."""
     from angelmed.hub import local_dir
 
     try:
-        cfg.model.init_from = cfg.model.init_from and local_dir(cfg.model.init_from, config_only)
+        return value and local_dir(value, config_only)
     except FileNotFoundError as e:
-        raise RunConfigError(f"model.init_from: {e}") from None
+        raise RunConfigError(f"{key}: {e}") from None
 
 
 def validate(cfg: RunConfig) -> None:

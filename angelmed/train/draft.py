@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from angelmed.train.config import DataSection, RunConfigError, resolve_config
+from angelmed.train.config import DataSection, RunConfigError, checkpoint_dir, resolve_config
 
 log = logging.getLogger("angelmed.train.draft")
 TRAIN_STATE = "trainer_state.pt"  # in out_dir/last: optimizer, data position, RNG, step, best and first records
@@ -100,16 +100,11 @@ class DraftRunConfig:
 
 def load_draft_config(path: str | Path | None = None, overrides: list[str] | None = None,
                       target: str | None = None) -> DraftRunConfig:
-    from angelmed.hub import local_dir
-
     cfg = resolve_config(DraftRunConfig, DraftRunConfig(), "draft", path, overrides)
     if target:
         cfg.target = target
-    try:  # Hugging Face repo ids (a target, a published draft to fine-tune) are downloaded
-        cfg.target = cfg.target and local_dir(cfg.target)
-        cfg.draft.init_from = cfg.draft.init_from and local_dir(cfg.draft.init_from)
-    except FileNotFoundError as e:
-        raise RunConfigError(str(e)) from None
+    cfg.target = checkpoint_dir("target", cfg.target)  # Hub ids: a target, a published draft to fine-tune
+    cfg.draft.init_from = checkpoint_dir("draft.init_from", cfg.draft.init_from)
     validate(cfg)
     return cfg
 
