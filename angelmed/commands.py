@@ -12,6 +12,7 @@ import torch
 
 from angelmed.checkpoint import CheckpointError, load_model, read_generation_config, save_model
 from angelmed.config import ConfigError, ModelConfig, get_preset, PRESETS
+from angelmed.draft import draft_summary
 from angelmed.hub import local_dir
 
 
@@ -63,13 +64,19 @@ def _fmt(n: int) -> str:
 @_guard
 def info(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="angelmed info", description="config summary and parameter counts")
-    ap.add_argument("model", help="checkpoint directory (or a preset name)")
+    ap.add_argument("model", help="checkpoint or EAGLE-3 draft directory, Hub id, or a preset name")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ap.add_argument("--gpu-gb", type=float, default=None,
                     help="GPU memory in GB (e.g. 80): also print the fewest GPUs for BF16 and FP8 weights")
     a = ap.parse_args(argv)
-    cfg = get_preset(a.model) if a.model in PRESETS and not Path(a.model).exists() else \
-        ModelConfig.from_json(local_dir(a.model, config_only=True))
+    if a.model in PRESETS and not Path(a.model).exists():
+        cfg = get_preset(a.model)
+    else:
+        path = local_dir(a.model, config_only=True)
+        draft = draft_summary(path)
+        if draft is not None:
+            return _print_summary(draft, a.json)
+        cfg = ModelConfig.from_json(path)
     counts = cfg.param_counts()
     summary = {
         "layers": cfg.num_hidden_layers, "dense_layers": cfg.first_k_dense_replace, "hidden": cfg.hidden_size,
@@ -84,7 +91,11 @@ def info(argv: list[str]) -> int:
     }
     if a.gpu_gb:
         summary.update(gpu_plan(summary, a.gpu_gb))
-    if a.json:
+    return _print_summary(summary, a.json, a.gpu_gb, cfg.max_position_embeddings)
+
+
+def _print_summary(summary: dict, as_json: bool, gpu_gb: float | None = None, context: int = 0) -> int:
+    if as_json:
         print(json.dumps(summary))
         return 0
     for k, v in summary.items():
@@ -93,8 +104,8 @@ def info(argv: list[str]) -> int:
         elif k.endswith("_bytes"):
             v = f"{v / 2**30:,.2f} GiB" if v >= 2**30 else f"{v / 2**10:,.1f} KiB"
         elif k.startswith("gpus_"):
-            v = (f"{v['gpus']} x {a.gpu_gb:g} GB, {v['kv_cache_bytes'] / 2**30:,.1f} GiB left for the KV cache "
-                 f"({v['full_context_sequences']} sequences of {cfg.max_position_embeddings} tokens)")
+            v = (f"{v['gpus']} x {gpu_gb:g} GB, {v['kv_cache_bytes'] / 2**30:,.1f} GiB left for the KV cache "
+                 f"({v['full_context_sequences']} sequences of {context} tokens)")
         print(f"{k:>30}: {v}")
     return 0
 

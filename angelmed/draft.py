@@ -29,6 +29,7 @@ gives the plain unrolled variant (each step causal over its own states), kept fo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -403,6 +404,52 @@ def is_draft_dir(path: str | Path) -> bool:
         return DRAFT_ARCH in json.loads(f.read_text()).get("architectures", [])
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def draft_summary(path: str | Path) -> dict | None:
+    """What `angelmed info` shows for an EAGLE-3 draft directory, ours or LlamaForCausalLMEagle3; None for anything
+    else. Feature layers are target layer outputs. Parameters are counted from the weights file's header, when the
+    directory has one (a Hub draft read config-only has not)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        c = json.loads((path / "config.json").read_text())
+        arch = c.get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    if DRAFT_ARCH in arch:
+        dc = read_draft_config(path)
+        layer, t = dc.target_config(), dc.target
+        heads = f"{layer.num_attention_heads}q/{layer.num_key_value_heads}kv x {layer.head_dim}"
+        s = {"kind": f"EAGLE-3 draft, {dc.layout} layout", "hidden": dc.hidden_size,
+             "intermediate": layer.intermediate_size, "feature_layers": list(dc.feature_layers)}
+        target = f"{t['num_hidden_layers']} layers, hidden {t['hidden_size']}, vocab {t['vocab_size']}"
+    elif LLAMA_EAGLE3_ARCH in arch:
+        eagle = c.get("eagle_config") or {}
+        if eagle.get("eagle_aux_hidden_state_layer_ids"):  # SGLang: layer outputs
+            layers = list(eagle["eagle_aux_hidden_state_layer_ids"])
+        elif c.get("eagle_aux_hidden_state_layer_ids"):  # vLLM: layer inputs
+            layers = [i - 1 for i in c["eagle_aux_hidden_state_layer_ids"]]
+        else:
+            layers = "the serving engine's default"
+        nh = c.get("num_attention_heads", 1)
+        heads = f"{nh}q/{c.get('num_key_value_heads', nh)}kv x {c.get('head_dim', c.get('hidden_size', 0) // nh)}"
+        dc = None
+        s = {"kind": "EAGLE-3 draft, LlamaForCausalLMEagle3 (vLLM / SGLang)", "hidden": c.get("hidden_size"),
+             "intermediate": c.get("intermediate_size"), "feature_layers": layers}
+        target = f"hidden {c.get('target_hidden_size', c.get('hidden_size'))}, vocab {c.get('vocab_size')}"
+    else:
+        return None
+    vocab = dc.vocab_size if dc else c.get("vocab_size")
+    s.update(heads=heads, vocab=vocab, draft_vocab=(dc.draft_vocab_size if dc else c.get("draft_vocab_size")) or vocab,
+             target=target)
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:  # header only: the shapes
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        s["params_total"] = sum(math.prod(v) for k, v in shapes.items() if k not in ("vocab_map", "d2t", "t2d"))
+    return s
 
 
 def read_draft_config(path: str | Path) -> DraftConfig:

@@ -52,12 +52,13 @@ def build_tokenizer(out: Path, vocab_size: int):
     return tok
 
 
-def build_target(work: Path, steps: int, threads: int) -> Path:
-    """The `small` preset, SFT-trained from scratch on the ontology chats (our training stage, our tokenizer)."""
+def build_target(work: Path, steps: int, threads: int, layers: int | None) -> Path:
+    """The `small` preset (`layers` deep), SFT-trained from scratch on the chats (our training stage, tokenizer)."""
     from angelmed.train.config import load_config
     from angelmed.train.sft import run
 
-    model_dir = work / "target" / "model"
+    run_dir = work / ("target" if layers is None else f"target_l{layers}")
+    model_dir = run_dir / "model"
     if (model_dir / "config.json").is_file():
         return model_dir
     from angelmed.config import get_preset
@@ -69,7 +70,8 @@ def build_target(work: Path, steps: int, threads: int) -> Path:
         "--model.preset", "small", "--data.tokenizer", str(work / "tokenizer"),
         "--data.sources", json.dumps(SOURCES), "--data.seq_len", "384", "--data.micro_batch_size", "8",
         "--optim.lr", "3e-3", "--optim.schedule", "cosine", "--optim.warmup_steps", "20",
-        "--train.steps", str(steps), "--train.run_dir", str(work / "target"), "--train.eval_every", "0",
+        "--model.overrides", json.dumps({} if layers is None else {"num_hidden_layers": layers}),
+        "--train.steps", str(steps), "--train.run_dir", str(run_dir), "--train.eval_every", "0",
         "--train.log_every", "25", "--train.tensorboard", "false", "--train.progress", "false",
         "--train.export_dtype", "float32", "--train.threads", str(threads), "--train.resume", "never"])
     t0 = time.perf_counter()
@@ -81,7 +83,8 @@ def build_target(work: Path, steps: int, threads: int) -> Path:
 def build_draft(work: Path, target: Path, args) -> Path:
     from angelmed.train.draft import load_draft_config, run
 
-    out = work / ("draft" if args.draft_layout == "angelmed" else f"draft_{args.draft_layout}")
+    out = work / "_".join(["draft"] + ([] if args.draft_layout == "angelmed" else [args.draft_layout])
+                          + ([] if args.target_layers is None else [f"l{args.target_layers}"]))
     if (out / "best" / "config.json").is_file():
         return out / "best"
     cfg = load_draft_config(None, [
@@ -128,6 +131,8 @@ def main() -> None:
     ap.add_argument("--draft", default=None, help="draft dir (default: train one for the target)")
     ap.add_argument("--work", default="runs/bench_draft", help="cache for the stand-in target and the draft")
     ap.add_argument("--target-steps", type=int, default=300)
+    ap.add_argument("--target-layers", type=int, default=None,
+                    help="stand-in target depth (default: the `small` preset's 4)")
     ap.add_argument("--draft-steps", type=int, default=300)
     ap.add_argument("--draft-vocab", type=int, default=1024)
     ap.add_argument("--draft-layout", default="angelmed", choices=["angelmed", "llama"],
@@ -158,7 +163,8 @@ def main() -> None:
     from angelmed.train.draft import DraftRunConfig, heldout_prompts, load_target_tokenizer
 
     work = Path(args.work)
-    target_dir = Path(args.target) if args.target else build_target(work, args.target_steps, args.threads)
+    target_dir = (Path(args.target) if args.target
+                  else build_target(work, args.target_steps, args.threads, args.target_layers))
     draft_dir = Path(args.draft) if args.draft else build_draft(work, target_dir, args)
     model = load_model(target_dir, dtype=args.dtype).eval()
     tok = load_target_tokenizer("auto", str(target_dir), model.config.vocab_size)

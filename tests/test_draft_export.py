@@ -224,3 +224,35 @@ def test_convert_cli_writes_the_sglang_layout(tmp_path, target, capsys):
     capsys.readouterr()
     assert convert([str(tmp_path / "native"), str(tmp_path / "out2"), "--target", str(tmp_path / "target")]) != 0
     assert "draft.layout: llama" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+def test_info_describes_draft_directories(tmp_path, target, capsys):
+    from angelmed.checkpoint import save_model
+    from angelmed.commands import info
+
+    c = target.config
+    H, I, hd, nq, nkv = c.hidden_size, c.intermediate_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    native = DraftModel(DraftConfig.for_target(c, draft_vocab_size=100)).init_weights(0)
+    native.save(tmp_path / "native")
+    draft = llama_draft(target)
+    draft.save(tmp_path / "ours")
+    save_model(target, tmp_path / "target")
+    export_llama_eagle3(draft, target, tmp_path / "sglang", dtype=torch.float32)
+
+    def summary(path):
+        capsys.readouterr()
+        assert info([str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    s = summary(tmp_path / "native")  # fc, enorm/hnorm, eh_proj, the decoder layer (qk-norm), final norm
+    assert s["kind"] == "EAGLE-3 draft, angelmed layout" and s["draft_vocab"] == 100 and s["vocab"] == c.vocab_size
+    assert s["params_total"] == 3 * H * H + 2 * H + 2 * H * H + H + (nq + 2 * nkv) * hd * H + nq * hd * H \
+        + 2 * hd + H + 3 * I * H + H
+    # the SGLang directory: q/k/v read 2H, three layer norms, the final norm and the draft-vocabulary head
+    llama_params = 3 * H * H + (nq + 2 * nkv) * hd * 2 * H + nq * hd * H + 3 * H + 3 * I * H + H
+    s = summary(tmp_path / "sglang")
+    assert s["kind"].endswith("LlamaForCausalLMEagle3 (vLLM / SGLang)") and s["heads"] == f"{nq}q/{nkv}kv x {hd}"
+    assert s["feature_layers"] == list(draft.draft_config.feature_layers)
+    assert s["params_total"] == llama_params + 100 * H and s["draft_vocab"] == 100
+    assert summary(tmp_path / "ours")["params_total"] == llama_params  # ours scores the target's head rows
+    assert summary(tmp_path / "target")["layers"] == c.num_hidden_layers  # a model still gets the model summary
