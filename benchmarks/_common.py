@@ -26,6 +26,28 @@ def setup(threads: int | None = None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+
+
+def chat_sources(data_root: str = DATA_ROOT) -> list[dict]:
+    """The chat mix of the speculative-decoding benchmarks: the built-in ontology chats (ICD-10-CM + HPO), joined by
+    MedQuAD Q/A (long free-text answers, 60% of the tokens) when the shared data root has it."""
+    sources = [{"spec": "icd10cm", "weight": 0.2}, {"spec": "hpo", "weight": 0.2}]
+    if os.path.isdir(os.path.join(data_root, "medquad")):
+        os.environ.setdefault("ANGELMED_DATA_ROOT", data_root)
+        sources.insert(0, {"spec": "medquad", "weight": 0.6})
+    return sources
+
+
+def heldout_chat_prompts(model_dir: str, tokenizer, n: int, sources: list[dict], max_len: int = 256):
+    """n chat prompts from the sources' held-out split (the split the training stages never see)."""
+    from angelmed.train.draft import DraftRunConfig, heldout_prompts
+
+    cfg = DraftRunConfig(target=str(model_dir))
+    cfg.data.sources = sources
+    return heldout_prompts(cfg, tokenizer, n, max_len)
+
+
 def hf_peer(model: Transformer):
     """A transformers Glm4MoeForCausalLM holding exactly `model`'s weights (fp32, eager attention)."""
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM

@@ -31,10 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import setup  # noqa: E402
+from _common import DATA_ROOT, chat_sources, heldout_chat_prompts, setup  # noqa: E402
 
-EMBEDDED = [{"spec": "icd10cm", "weight": 0.2}, {"spec": "hpo", "weight": 0.2}]
-SOURCES = list(EMBEDDED)  # + MedQuAD (long answers) when the shared data root is there; set in main()
+SOURCES: list[dict] = []  # the chat mix (chat_sources): set in main()
 
 
 def build_tokenizer(out: Path, vocab_size: int):
@@ -146,12 +145,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True) for both sides")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and activations of target and draft (bf16: AMX matmuls on CPUs that have them)")
-    ap.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+    ap.add_argument("--data-root", default=DATA_ROOT,
                     help="shared data root (MedQuAD); without it only the built-in ontology chats are used")
     args = ap.parse_args()
-    if (Path(args.data_root) / "medquad").is_dir():
-        os.environ.setdefault("ANGELMED_DATA_ROOT", args.data_root)
-        SOURCES.insert(0, {"spec": "medquad", "weight": 0.6})
+    SOURCES[:] = chat_sources(args.data_root)
     setup(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -160,7 +157,7 @@ def main() -> None:
     from angelmed.checkpoint import load_model
     from angelmed.draft import DraftModel
     from angelmed.infer.speculative import Eagle3Drafter
-    from angelmed.train.draft import DraftRunConfig, heldout_prompts, load_target_tokenizer
+    from angelmed.train.draft import load_target_tokenizer
 
     work = Path(args.work)
     target_dir = (Path(args.target) if args.target
@@ -170,9 +167,7 @@ def main() -> None:
     tok = load_target_tokenizer("auto", str(target_dir), model.config.vocab_size)
     draft = DraftModel.load(draft_dir)
     concs = [int(c) for c in args.concurrency.split(",")]
-    cfg = DraftRunConfig(target=str(target_dir))
-    cfg.data.sources = SOURCES
-    pool = heldout_prompts(cfg, tok, 2 * max(concs), 256)
+    pool = heldout_chat_prompts(target_dir, tok, 2 * max(concs), SOURCES)
     out = {"target": str(target_dir), "target_source": "given" if args.target else
            f"stand-in: small preset, SFT {args.target_steps} steps on {'+'.join(x['spec'] for x in SOURCES)} chats",
            "draft": str(draft_dir), "draft_layout": draft.draft_config.layout, "k": args.k,

@@ -1,11 +1,15 @@
 """Speculative decoding vs plain decoding: tokens/s, acceptance length, and the cost model behind them.
 
 Greedy outputs are asserted identical. A randomly initialised model's MTP layer predicts almost nothing, so by
-default the MTP numbers show the overhead; `--model DIR` runs a trained checkpoint (with an MTP layer). The
-"self-draft" row drafts with the target itself (every draft accepted: acceptance length k+1) and bounds what a
+default the MTP numbers show the overhead (random prompts, fixed reply length). `--model DIR` runs a trained
+checkpoint with an MTP layer on `--requests` held-out chat prompts (the split training never sees: MedQuAD when the
+shared data root has it, and the built-in ontology chats), replies ending at the tokenizer's stop ids or
+`--new-tokens`; tok/s counts the tokens generated. `--batch` slots serve the requests (batch 1: one at a time).
+The "self-draft" row drafts with the target itself (every draft accepted: acceptance length k+1) and bounds what a
 perfect drafter could do, given the measured cost of a (k+1)-token verify forward vs a 1-token decode.
 
-    python benchmarks/bench_spec.py [--preset small] [--model DIR] [--k 3] [--batch 1] [--new-tokens 64] [--compile]
+    python benchmarks/bench_spec.py [--preset small] [--model DIR] [--k 3] [--batch 1] [--requests 8]
+                                    [--new-tokens 128] [--compile]
 
 Last line: one JSON object.
 """
@@ -17,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import setup  # noqa: E402  (tcmalloc re-exec, threads)
+from _common import chat_sources, heldout_chat_prompts, setup  # noqa: E402  (tcmalloc re-exec, threads)
 
 setup(1)
 
@@ -29,19 +33,20 @@ from angelmed.infer.speculative import LMDrafter, MTPDrafter  # noqa: E402
 from angelmed.model import Transformer  # noqa: E402
 
 
-def run(model, prompts, new_tokens: int, draft=None, k: int = 3, temperature: float = 0.0, compile: bool = False):
-    eng = Engine(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens + 8,
+def run(model, prompts, new_tokens: int, batch: int, stop_ids: list[int], draft=None, k: int = 3,
+        temperature: float = 0.0, compile: bool = False):
+    eng = Engine(model, max_batch=batch, max_seq_len=max(map(len, prompts)) + new_tokens + 8, stop_ids=stop_ids,
                  draft=draft, spec_tokens=k, compile=compile, prefix_reuse=False)  # both prefill every timed run
-    reqs = lambda: [GenerationRequest(p, max_tokens=new_tokens, stop_ids=[], temperature=temperature,  # noqa: E731
+    reqs = lambda: [GenerationRequest(p, max_tokens=new_tokens, temperature=temperature,  # noqa: E731
                                       seed=i) for i, p in enumerate(prompts)]
-    eng.generate(reqs())  # warm-up
+    eng.generate(reqs())  # warm-up (compiled: the graphs for the workload's shapes)
     if eng.spec is not None:
         eng.spec.reset_stats()
     t = time.perf_counter()
     res = eng.generate(reqs())
     dt = time.perf_counter() - t
     stats = eng.spec.stats.as_dict() if eng.spec is not None else None
-    return [r.token_ids for r in res], len(prompts) * new_tokens / dt, stats
+    return [r.token_ids for r in res], sum(len(r.token_ids) for r in res) / dt, stats
 
 
 @torch.no_grad()
@@ -68,9 +73,10 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--model", default=None, help="trained checkpoint dir (MTP layer needed)")
     ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1, help="engine slots")
+    ap.add_argument("--requests", type=int, default=8, help="requests per measurement (trained model)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="random prompts (random-init model)")
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="Engine(compile=True) for plain and speculative runs")
@@ -83,25 +89,30 @@ def main() -> None:
         model, source = Transformer(get_preset(args.preset)).init_weights(0).eval(), f"{args.preset} (random init)"
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
-    if args.model and (Path(args.model) / "tokenizer.json").is_file():  # a trained model: real chat prompts
-        from angelmed.data.embedded import records
-        from angelmed.tokenizer import Tokenizer, with_default_system_prompt
+    stop_ids = []  # random init: fixed-length replies
+    if args.model and (Path(args.model) / "tokenizer.json").is_file():  # a trained model: real chats, real stops
+        from angelmed.tokenizer import Tokenizer
 
         tok = Tokenizer.load(args.model)
-        held_out = [r for _, r in zip(range(args.batch), records("icd10cm", "eval"))]
-        prompts = [tok.encode_chat(with_default_system_prompt(r.messages), add_generation_prompt=True)[0]
-                   for r in held_out]
-        source += " (held-out ontology questions as chat prompts)"
+        sources = chat_sources()
+        prompts = heldout_chat_prompts(args.model, tok, args.requests, sources)
+        stop_ids = tok.stop_ids
+        source += f" ({len(prompts)} held-out {'+'.join(s['spec'] for s in sources)} chat prompts)"
     k = args.k
-    plain_tok, plain_tps, _ = run(model, prompts, args.new_tokens, temperature=args.temperature, compile=args.compile)
-    out = {"model": source, "batch": args.batch, "k": k, "new_tokens": args.new_tokens,
+    plain_tok, plain_tps, _ = run(model, prompts, args.new_tokens, args.batch, stop_ids, temperature=args.temperature,
+                                  compile=args.compile)
+    out = {"model": source, "batch": args.batch, "requests": len(prompts),
+           "mean_reply_tokens": round(sum(map(len, plain_tok)) / len(plain_tok), 1), "k": k,
+           "new_tokens": args.new_tokens,
            "temperature": args.temperature, "compile": args.compile, "plain_tok_s": round(plain_tps, 1)}
-    print(f"model {source}, batch {args.batch}, k {k}, temperature {args.temperature}, compile {args.compile}")
+    print(f"model {source}, batch {args.batch}, k {k}, temperature {args.temperature}, compile {args.compile}, "
+          f"replies {out['mean_reply_tokens']} tokens on average")
     print(f"plain decoding:          {plain_tps:8.1f} tok/s")
     rows = [("mtp", MTPDrafter(model))] if model.config.num_nextn_predict_layers else []
     rows.append(("self_draft", LMDrafter(model)))
     for name, drafter in rows:
-        toks, tps, st = run(model, prompts, args.new_tokens, drafter, k, args.temperature, args.compile)
+        toks, tps, st = run(model, prompts, args.new_tokens, args.batch, stop_ids, drafter, k, args.temperature,
+                            args.compile)
         if args.temperature == 0:
             assert toks == plain_tok, f"{name}: speculative greedy output differs from plain decoding"
         out[name] = {"tok_s": round(tps, 1), "speedup": round(tps / plain_tps, 3),
@@ -110,7 +121,7 @@ def main() -> None:
         print(f"{name + ' speculative:':<24} {tps:8.1f} tok/s  x{tps / plain_tps:.2f}  "
               f"acceptance length {st['mean_accept_length']:.2f} (rate {st['acceptance_rate']:.2f}, "
               f"hist {st['accepted_hist']})")
-    ratio = forward_cost_ratio(model, args.prompt_len + args.new_tokens // 2, k)
+    ratio = forward_cost_ratio(model, sum(map(len, prompts)) // len(prompts) + args.new_tokens // 2, k)
     out["verify_cost_vs_decode"] = round(ratio, 3)
     print(f"a {k + 1}-token verify forward costs {ratio:.2f}x a 1-token decode forward: with a free drafter, "
           f"acceptance length L gives about L/{ratio:.2f}x")
