@@ -434,6 +434,36 @@ def test_prefix_reuse_copies_a_high_slot_prefix_into_a_covered_slot(model):
     assert eng.cached_ids[0] == (turn + res.token_ids)[:-1] and eng.cached_ids[3] == chat3[:-1]
 
 
+def test_finished_rows_leave_the_batch_dense(model, monkeypatch):
+    """Three short replies end while a long one decodes in slot 3: it moves to slot 0 and the steps after run one
+    row, not four. Every reply is its solo greedy run, and each short chat's cached prefix survives the move (its
+    next turn reuses it and still decodes greedy)."""
+    ps = prompts(5, seed=17)
+    eng = Engine(model, max_batch=4, max_seq_len=128)
+    rows, real = [], model.forward
+
+    def spy(ids, *a, **k):
+        if ids.shape[1] == 1:
+            rows.append(ids.shape[0])
+        return real(ids, *a, **k)
+
+    monkeypatch.setattr(model, "forward", spy)
+    lengths = [3, 4, 2, 24]
+    res = eng.generate([GenerationRequest(p, max_tokens=n, stop_ids=[]) for p, n in zip(ps, lengths)])
+    monkeypatch.setattr(model, "forward", real)
+    for p, n, r in zip(ps, lengths, res):
+        assert r.token_ids == greedy_ref(model, p, n)
+    # 23 decode steps (the prefill gives each reply its first token): the replies of 2, 3 and 4 tokens end after
+    # steps 1, 2 and 3; each time the long one takes a freed lower slot, so the rows shrink with them
+    assert rows == [4, 3, 2] + [1] * 20
+    assert eng.cached_ids[0] == (ps[3] + res[3].token_ids)[:-1]
+    chat0 = ps[0] + res[0].token_ids
+    assert eng.cached_ids[2] == chat0[:-1]  # moved out of slot 0 (to where the long one was) with its K/V
+    turn = chat0 + ps[4]
+    again = eng.generate([GenerationRequest(turn, max_tokens=6, stop_ids=[])])[0]
+    assert again.cached_tokens == len(chat0) - 2 and again.token_ids == greedy_ref(model, turn, 6)
+
+
 def test_prefix_reuse_stays_within_a_cache_salt(model):
     """Requests with different salts (users) never share cached K/V; the same salt does."""
     p = prompts(1, seed=13)[0] + prompts(1, seed=14)[0]

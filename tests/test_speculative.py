@@ -70,6 +70,20 @@ def test_lm_drafter_with_prefix_reuse_still_accepts_everything(model):
     assert sum(hist[:-1]) == 0 and hist[-1] > 0
 
 
+def test_rows_moved_by_compaction_keep_their_drafter_cache(model):
+    """Short replies end and the long ones move down into their slots, taking the drafter's K/V along: with the
+    target as its own draft every draft is still accepted (a row reading another row's drafter cache would
+    propose tokens the target rejects), and each reply is plain greedy."""
+    ps = prompts(4, seed=23)
+    lengths = [5, 30, 3, 26]
+    eng = Engine(model, max_batch=4, max_seq_len=96, draft=LMDrafter(model), spec_tokens=3)
+    res = eng.generate([GenerationRequest(p, max_tokens=n, stop_ids=[]) for p, n in zip(ps, lengths)])
+    assert [r.token_ids for r in res] == [greedy_ref(model, p, n) for p, n in zip(ps, lengths)]
+    hist = eng.spec.stats.accepted_hist
+    assert sum(hist[:-1]) == 0 and hist[-1] > 0
+    assert eng.cached_ids[0] == (ps[1] + res[1].token_ids)[:-1]  # the longest reply ended in slot 0
+
+
 def test_compiled_speculative_rounds_match_eager(model):
     """Engine(compile=True): a round (drafts, verify, acceptance) runs as one compiled graph; greedy output is
     still plain greedy, and seeded sampling gives the eager speculative engine's tokens."""

@@ -331,14 +331,6 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return lo
 
 
-def bucket(n: int, limit: int) -> int:
-    """Next power of two >= n, capped at limit: few distinct shapes (compile), little wasted work."""
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, limit)
-
-
 def prefill_groups(lengths: list[int], dests: list[int], reuse: list[tuple[int, int]]) -> list[list[int]]:
     """Rows of one admission split into prefill forwards of similar length (each row at least half the longest in
     its forward): right padding is compute spent on nothing (32 chat prompts of 42-200 tokens: 3.4x their tokens
@@ -631,6 +623,7 @@ class Engine:
         with self._step_lock:
             self._apply_cancellations()
             self._admit()
+            self._compact()
             if any(s is not None for s in self.slots):
                 if self.spec is not None:
                     self.spec.round()
@@ -669,8 +662,7 @@ class Engine:
         live = [i for i, s in enumerate(self.slots) if s is not None]
         with self._lock:
             # rows the next decode steps will cover anyway: an empty slot inside them costs nothing
-            covered = bucket(max(max(live, default=-1) + 1, len(live) + min(len(self._pending), len(free))),
-                             self.max_batch)
+            covered = max(max(live, default=-1) + 1, len(live) + min(len(self._pending), len(free)))
             while self._pending and free:
                 slot, src, r = self._pick_slot(free, self._pending[0].request, covered)
                 n = len(self._pending[0].request.prompt_ids) - r
@@ -700,6 +692,39 @@ class Engine:
         if 0 <= src < covered or not inside:
             return (src if src >= 0 else free[0]), src, n
         return min(inside, key=lambda i: (bool(self.cached_ids[i]), self._freed_at[i], i)), src, n
+
+    def _compact(self) -> None:
+        """Keep the live rows at the front. A step computes rows [0, n), n = the highest live slot + 1, and a free
+        row among them costs as much as a live one (32 slots of mixed reply lengths: a third of the rows computed
+        were free). The highest live rows trade places with the free ones below them; a free slot's cached prefix
+        moves along, so prefix reuse loses nothing."""
+        live = [i for i, s in enumerate(self.slots) if s is not None]
+        holes = [j for j in range(len(live)) if self.slots[j] is None]
+        for j, i in zip(holes, reversed(live)):  # as many live rows past len(live) as holes before it
+            self._swap_slots(i, j)
+
+    def _swap_slots(self, i: int, j: int) -> None:
+        """Exchange slots i (live) and j (free): the K/V each holds (target and drafter), the per-row state on
+        device and the host bookkeeping."""
+        s = self.slots[i]
+        used = max(s.prompt_len + len(s.generated) + 2 * (self.spec_tokens + 1), len(self.cached_ids[j]) + 1)
+        rows, swapped = torch.tensor([i, j], device=self.device), torch.tensor([j, i], device=self.device)
+        drafter_kv = getattr(self.draft, "kv", None)
+        for c in self.kv.caches + (drafter_kv.caches if drafter_kv is not None else []):
+            for t in (c.k, c.v):
+                t[rows, :, :used] = t[swapped, :, :used]
+        for t in self._row_tensors():
+            t[rows] = t[swapped]
+        for per_slot in (self.slots, self.cached_ids, self.cached_salt, self._freed_at):
+            per_slot[i], per_slot[j] = per_slot[j], per_slot[i]
+
+    def _row_tensors(self) -> list[Tensor]:
+        """Every per-slot tensor indexed by row (the decode state, sampling settings, the drafter's context)."""
+        rows = [self.tok_B, self.pos_B, self.active_B, self.temp_B, self.topk_B, self.topp_B, self.pen_B, self.seed_B,
+                self.counter_B, self.seen_BV]
+        if self.spec is not None:
+            rows += [self.spec.ids_BL, self.spec.hidden_BLD, self.spec.len_B]
+        return rows
 
     def _set_slot_params(self, slots: list[int], reqs: list[GenerationRequest]) -> Tensor:
         dev = self.device
@@ -804,8 +829,8 @@ class Engine:
         return sample, filt, penalty, want_lp
 
     def active_prefix(self) -> int:
-        hi = max(i for i, s in enumerate(self.slots) if s is not None) + 1
-        return bucket(hi, self.max_batch)
+        """Rows a step computes: up to the highest live slot (dense after `_compact`)."""
+        return max(i for i, s in enumerate(self.slots) if s is not None) + 1
 
     def attn_len(self, n: int, extra: int = 1) -> int:
         """Cache positions the next step can touch (rows up to n), rounded up to limit distinct shapes."""
