@@ -421,10 +421,11 @@ def draft_summary(path: str | Path) -> dict | None:
     if DRAFT_ARCH in arch:
         dc = read_draft_config(path)
         layer, t = dc.target_config(), dc.target
-        heads = f"{layer.num_attention_heads}q/{layer.num_key_value_heads}kv x {layer.head_dim}"
         s = {"kind": f"EAGLE-3 draft, {dc.layout} layout", "hidden": dc.hidden_size,
-             "intermediate": layer.intermediate_size, "feature_layers": list(dc.feature_layers)}
-        target = f"{t['num_hidden_layers']} layers, hidden {t['hidden_size']}, vocab {t['vocab_size']}"
+             "intermediate": layer.intermediate_size, "feature_layers": list(dc.feature_layers),
+             "heads": f"{layer.num_attention_heads}q/{layer.num_key_value_heads}kv x {layer.head_dim}",
+             "vocab": dc.vocab_size, "draft_vocab": dc.draft_vocab_size or dc.vocab_size,
+             "target": f"{t['num_hidden_layers']} layers, hidden {t['hidden_size']}, vocab {t['vocab_size']}"}
     elif LLAMA_EAGLE3_ARCH in arch:
         eagle = c.get("eagle_config") or {}
         if eagle.get("eagle_aux_hidden_state_layer_ids"):  # SGLang: layer outputs
@@ -433,17 +434,14 @@ def draft_summary(path: str | Path) -> dict | None:
             layers = [i - 1 for i in c["eagle_aux_hidden_state_layer_ids"]]
         else:
             layers = "the serving engine's default"
-        nh = c.get("num_attention_heads", 1)
-        heads = f"{nh}q/{c.get('num_key_value_heads', nh)}kv x {c.get('head_dim', c.get('hidden_size', 0) // nh)}"
-        dc = None
-        s = {"kind": "EAGLE-3 draft, LlamaForCausalLMEagle3 (vLLM / SGLang)", "hidden": c.get("hidden_size"),
-             "intermediate": c.get("intermediate_size"), "feature_layers": layers}
-        target = f"hidden {c.get('target_hidden_size', c.get('hidden_size'))}, vocab {c.get('vocab_size')}"
+        H, nh = c.get("hidden_size"), c.get("num_attention_heads", 1)
+        s = {"kind": "EAGLE-3 draft, LlamaForCausalLMEagle3 (vLLM / SGLang)", "hidden": H,
+             "intermediate": c.get("intermediate_size"), "feature_layers": layers,
+             "heads": f"{nh}q/{c.get('num_key_value_heads', nh)}kv x {c.get('head_dim', (H or 0) // nh)}",
+             "vocab": c.get("vocab_size"), "draft_vocab": c.get("draft_vocab_size") or c.get("vocab_size"),
+             "target": f"hidden {c.get('target_hidden_size', H)}, vocab {c.get('vocab_size')}"}
     else:
         return None
-    vocab = dc.vocab_size if dc else c.get("vocab_size")
-    s.update(heads=heads, vocab=vocab, draft_vocab=(dc.draft_vocab_size if dc else c.get("draft_vocab_size")) or vocab,
-             target=target)
     weights = path / "model.safetensors"
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:  # header only: the shapes

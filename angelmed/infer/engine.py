@@ -312,6 +312,13 @@ class SlotCaches:
             full.k[slots, :, :T] = tmp.k[rows, :, :T]
             full.v[slots, :, :T] = tmp.v[rows, :, :T]
 
+    def swap_rows(self, i: int, j: int, used: int) -> None:
+        """Exchange positions [0, used) of slots i and j (the engine keeping live rows dense)."""
+        rows = torch.tensor([i, j], device=self.caches[0].k.device)
+        for c in self.caches:
+            for t in (c.k, c.v):
+                t[rows, :, :used] = t[rows.flip(0), :, :used]
+
     def read_range(self, slot: int, lo: int, hi: int, tmp_caches: list, row: int) -> None:
         """Positions [lo, hi) of a slot's K/V into row `row` of temporary caches (prefix reuse)."""
         for full, tmp in zip(self.caches, tmp_caches):
@@ -708,13 +715,11 @@ class Engine:
         device and the host bookkeeping."""
         s = self.slots[i]
         used = max(s.prompt_len + len(s.generated) + 2 * (self.spec_tokens + 1), len(self.cached_ids[j]) + 1)
-        rows, swapped = torch.tensor([i, j], device=self.device), torch.tensor([j, i], device=self.device)
-        drafter_kv = getattr(self.draft, "kv", None)
-        for c in self.kv.caches + (drafter_kv.caches if drafter_kv is not None else []):
-            for t in (c.k, c.v):
-                t[rows, :, :used] = t[swapped, :, :used]
+        for kv in (self.kv, self.draft.kv) if self.draft is not None else (self.kv,):
+            kv.swap_rows(i, j, used)
+        rows = torch.tensor([i, j], device=self.device)
         for t in self._row_tensors():
-            t[rows] = t[swapped]
+            t[rows] = t[rows.flip(0)]
         for per_slot in (self.slots, self.cached_ids, self.cached_salt, self._freed_at):
             per_slot[i], per_slot[j] = per_slot[j], per_slot[i]
 

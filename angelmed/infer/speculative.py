@@ -67,6 +67,8 @@ class ContextState:
 
 
 class DraftModel(Protocol):
+    kv: SlotCaches  # its own KV cache slots (allocate makes them); the engine moves rows in them with its own
+
     def allocate(self, max_batch: int, max_len: int) -> None:
         """Make room for max_batch slots of max_len positions (own KV cache)."""
 
