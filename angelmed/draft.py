@@ -312,6 +312,16 @@ def _llama_eagle3_names(w: dict[str, Tensor]) -> dict[str, Tensor]:
 _LLAMA_VARIANTS = ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output", "attention_bias")
 
 
+def _llama_eagle3_feature_layers(config: dict) -> tuple[int, ...] | None:
+    """A LlamaForCausalLMEagle3 config's aux layers as target layer outputs: `eagle_config`'s ids are outputs
+    (SGLang), the top-level key's are inputs (vLLM); None: the engines' default."""
+    if (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids"):
+        return tuple(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
+    if config.get("eagle_aux_hidden_state_layer_ids"):
+        return tuple(i - 1 for i in config["eagle_aux_hidden_state_layer_ids"])
+    return None
+
+
 def import_llama_eagle3(path: str | Path, target_config: ModelConfig) -> DraftModel:
     """A LlamaForCausalLMEagle3 directory (as SGLang and vLLM load, e.g. a published EAGLE-3 draft for the target)
     as a `layout: llama` DraftModel with its own layer shapes, lm_head and (if shipped) embedding. The feature
@@ -339,12 +349,7 @@ def import_llama_eagle3(path: str | Path, target_config: ModelConfig) -> DraftMo
     if c.get("target_hidden_size", H) != H or target_config.hidden_size != H:
         raise ValueError(f"{where}: hidden_size {H} (target_hidden_size {c.get('target_hidden_size', H)}) vs the "
                          f"target's {target_config.hidden_size}; only equal widths are supported")
-    if eagle.get("eagle_aux_hidden_state_layer_ids"):
-        layers = tuple(eagle["eagle_aux_hidden_state_layer_ids"])
-    elif c.get("eagle_aux_hidden_state_layer_ids"):
-        layers = tuple(i - 1 for i in c["eagle_aux_hidden_state_layer_ids"])
-    else:
-        layers = None
+    layers = _llama_eagle3_feature_layers(c)
     w = _llama_eagle3_names(load_file(str(path / "model.safetensors")))
     p = "midlayer."
     need = ["fc.weight", "norm.weight", "lm_head.weight", *(p + f"self_attn.{x}_proj.weight" for x in "qkvo"),
@@ -427,16 +432,11 @@ def draft_summary(path: str | Path) -> dict | None:
              "vocab": dc.vocab_size, "draft_vocab": dc.draft_vocab_size or dc.vocab_size,
              "target": f"{t['num_hidden_layers']} layers, hidden {t['hidden_size']}, vocab {t['vocab_size']}"}
     elif LLAMA_EAGLE3_ARCH in arch:
-        eagle = c.get("eagle_config") or {}
-        if eagle.get("eagle_aux_hidden_state_layer_ids"):  # SGLang: layer outputs
-            layers = list(eagle["eagle_aux_hidden_state_layer_ids"])
-        elif c.get("eagle_aux_hidden_state_layer_ids"):  # vLLM: layer inputs
-            layers = [i - 1 for i in c["eagle_aux_hidden_state_layer_ids"]]
-        else:
-            layers = "the serving engine's default"
+        layers = _llama_eagle3_feature_layers(c)
         H, nh = c.get("hidden_size"), c.get("num_attention_heads", 1)
         s = {"kind": "EAGLE-3 draft, LlamaForCausalLMEagle3 (vLLM / SGLang)", "hidden": H,
-             "intermediate": c.get("intermediate_size"), "feature_layers": layers,
+             "intermediate": c.get("intermediate_size"),
+             "feature_layers": list(layers) if layers else "the serving engine's default",
              "heads": f"{nh}q/{c.get('num_key_value_heads', nh)}kv x {c.get('head_dim', (H or 0) // nh)}",
              "vocab": c.get("vocab_size"), "draft_vocab": c.get("draft_vocab_size") or c.get("vocab_size"),
              "target": f"hidden {c.get('target_hidden_size', H)}, vocab {c.get('vocab_size')}"}
