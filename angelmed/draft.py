@@ -175,6 +175,10 @@ class DraftModel(nn.Module):
             raise ValueError(f"set_vocab: ids must lie in [0, {self.draft_config.vocab_size})")
         self.vocab_map.copy_(ids.to(self.vocab_map.device))
 
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return tuple(self.draft_config.feature_layers)
+
     # ---- the network -------------------------------------------------------------------------------------
     def fuse(self, feats: list[Tensor]) -> Tensor:
         return self.fc(torch.cat(feats, dim=-1))
@@ -477,12 +481,61 @@ def read_draft_config(path: str | Path) -> DraftConfig:
 
 
 # ---- training ----------------------------------------------------------------------------------------------
+class MTPHead(nn.Module):
+    """The target's own MTP layer `depth` seen as a draft, for the same training-time-test training: it takes the
+    target's final hidden state (instead of fused layer features) and the embedding of the next token, and scores
+    with the full frozen lm_head. Trained against the frozen target on multi-step rollouts, the MTP layer becomes a
+    chain drafter (`infer.speculative.MTPDrafter`: `--draft mtp`); CPT teaches it one step, with teacher forcing.
+    Saved as the target's checkpoint with only this layer's tensors replaced (`checkpoint.write_with_tensors`), so
+    it stays the official layout."""
+
+    vocab_map = None
+    feature_layers: tuple[int, ...] = ()
+
+    def __init__(self, target: Transformer, source: str | Path, depth: int = 0):
+        super().__init__()
+        if target.config.num_nextn_predict_layers <= depth:
+            raise ValueError(f"{source}: the target has {target.config.num_nextn_predict_layers} MTP layer(s); "
+                             f"MTP depth {depth} needs at least {depth + 1}")
+        self.layer = target.model.layers[target.num_layers + depth]
+        self.prefix = f"model.layers.{target.num_layers + depth}."
+        self.source = Path(source)
+        self._target = [target]  # not a submodule: only the MTP layer is this module's
+
+    def fuse(self, feats: list[Tensor]) -> Tensor:
+        return feats[0]
+
+    def rope(self, pos_BT: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        t = self._target[0]
+        return rope_cos_sin(t.inv_freq, t.rope_scaling, pos_BT, dtype)
+
+    def forward(self, emb_BTD: Tensor, g_BTD: Tensor, rope, mask, pos_BT=None, cache=None) -> Tensor:
+        return self.layer(emb_BTD, g_BTD, rope, mask, pos_BT, cache)[0]
+
+    def head_input(self, o_BTD: Tensor) -> Tensor:
+        return o_BTD
+
+    def embed(self, ids_BT: Tensor, target: Transformer) -> Tensor:
+        with torch.no_grad():
+            return target.model.word_embeddings(ids_BT)
+
+    def head_weight(self, target: Transformer) -> Tensor:
+        return (target.model.word_embeddings.weight if target.lm_head is None else target.lm_head.weight).detach()
+
+    def save(self, path: str | Path, extra_files: dict[str, str | bytes] | None = None) -> None:
+        from angelmed.checkpoint import hf_state_dict, write_with_tensors
+
+        new = {n: t for n, t in hf_state_dict(self._target[0]).items() if n.startswith(self.prefix)}
+        write_with_tensors(self.source, path, new, extra_files)
+
+
 @torch.no_grad()
 def target_features(target: Transformer, ids_BT: Tensor, layers: tuple[int, ...], pos_BT=None,
                     segment_BT=None) -> tuple[list[Tensor], Tensor]:
-    """Hidden outputs of the chosen target layers and the target's logits (frozen teacher)."""
+    """Hidden outputs of the chosen target layers (no layers: the final hidden state, what an MTP layer takes) and
+    the target's logits (frozen teacher)."""
     out = target(ids_BT, pos_BT=pos_BT, segment_BT=segment_BT, keep_layers=tuple(layers))
-    return out.layer_hidden, out.logits
+    return (out.layer_hidden if layers else [out.hidden]), out.logits
 
 
 class _StackedKV:
@@ -576,7 +629,7 @@ def draft_loss_from_features(draft: DraftModel, target: Transformer, ids_BT: Ten
 def draft_loss(draft: DraftModel, target: Transformer, ids_BT: Tensor, steps: int = 3,
                loss_mask_BT: Tensor | None = None, ttt_attention: bool = True) -> tuple[Tensor, list[float]]:
     """Unrolled multi-step loss on plain (unpacked) rows. loss_mask_BT[b, i]: token i is to be predicted."""
-    feats, t_logits = target_features(target, ids_BT, draft.draft_config.feature_layers)
+    feats, t_logits = target_features(target, ids_BT, draft.feature_layers)
     labels = None
     if loss_mask_BT is not None:
         labels = torch.where(_shift_left(loss_mask_BT.bool(), 1, False), 0, IGNORE_INDEX)

@@ -199,3 +199,40 @@ def test_loading_needs_about_one_copy_of_memory(tmp_path):
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-b)*1024)")
     grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert grown < 1.5 * size, (grown, size)
+
+
+def test_write_with_tensors_replaces_only_those_and_keeps_their_format(tmp_path, tiny_model):
+    """A copy of a sharded block-FP8 checkpoint with two tensors replaced: a BF16 one is cast to BF16, an FP8 one
+    quantised again with new block scales (in whichever shard they lie); every other tensor is bit-identical, and
+    the source is untouched (extra files are written beside the links, never through them)."""
+    import os
+
+    from angelmed.checkpoint import iter_checkpoint, write_with_tensors
+
+    save_model(tiny_model, tmp_path / "src", fp8=True, shards=3)
+    src = dict(iter_checkpoint(tmp_path / "src"))
+    fp8_name, bf16_name = "model.layers.3.attention.dense.weight", "model.layers.3.enorm.weight"
+    assert src[fp8_name].dtype == torch.float8_e4m3fn and src[bf16_name].dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    new_fp8 = torch.randn(src[fp8_name].shape, generator=g) * 0.05
+    new_bf16 = torch.full(src[bf16_name].shape, 0.75)
+    write_with_tensors(tmp_path / "src", tmp_path / "dst", {fp8_name: new_fp8, bf16_name: new_bf16},
+                       {"note.txt": "hello", "config.json": (tmp_path / "src" / "config.json").read_text()})
+    dst = dict(iter_checkpoint(tmp_path / "dst"))
+    assert dst.keys() == src.keys()
+    assert dst[bf16_name].dtype == torch.bfloat16 and torch.equal(dst[bf16_name].float(), new_bf16)
+    assert dst[fp8_name].dtype == torch.float8_e4m3fn
+    back = dequantize_fp8_block(dst[fp8_name], dst[fp8_name + "_scale_inv"])
+    assert (back - new_fp8).abs().max() <= new_fp8.abs().max() / 16  # e4m3: 3 mantissa bits
+    replaced = {fp8_name, fp8_name + "_scale_inv", bf16_name}
+    assert all(torch.equal(dst[n].view(torch.uint8) if dst[n].dtype == torch.float8_e4m3fn else dst[n],
+                           src[n].view(torch.uint8) if src[n].dtype == torch.float8_e4m3fn else src[n])
+               for n in src if n not in replaced)
+    assert not torch.equal(dst[fp8_name + "_scale_inv"], src[fp8_name + "_scale_inv"])
+    assert (tmp_path / "dst" / "note.txt").read_text() == "hello"
+    assert os.stat(tmp_path / "dst" / "config.json").st_ino != os.stat(tmp_path / "src" / "config.json").st_ino
+    assert dict(iter_checkpoint(tmp_path / "src")).keys() == src.keys()
+    assert not (tmp_path / "src" / "note.txt").exists()
+    load_model(tmp_path / "dst")  # still a loadable checkpoint
+    with pytest.raises(CheckpointError, match="model.layers.9.nothing"):
+        write_with_tensors(tmp_path / "src", tmp_path / "bad", {"model.layers.9.nothing": new_bf16})

@@ -140,3 +140,102 @@ def test_train_draft_fine_tunes_a_llama_eagle3_directory(target_dir, tmp_path):
     assert not torch.equal(tuned.lm_head.weight, before.lm_head.weight)  # its own head was trained
     assert convert([str(out / "last"), str(tmp_path / "back"), "--target", str(target_dir)]) == 0
     assert import_llama_eagle3(tmp_path / "back", target.config).draft_config.own_head
+
+
+@pytest.fixture(scope="module")
+def sharded_target_dir(tmp_path_factory):
+    """The confident tiny target in two shards: the MTP layer's tensors lie in the second only."""
+    m = tiny_model(0)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    d = tmp_path_factory.mktemp("sharded") / "model"
+    save_model(m, d, shards=2)
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {f for n, f in index.items() if n.startswith("model.layers.3.")} == {"model-00002-of-00002.safetensors"}
+    return d
+
+
+def _mtp_args(target_dir, out, steps=16, every=8):
+    return ["draft", "--target", str(target_dir), "--draft.kind", "mtp", "--train.steps", str(steps),
+            "--train.eval_every", str(every), "--train.eval_prompts", "4", "--train.eval_max_tokens", "12",
+            "--train.lr", "5e-3", "--train.warmup_steps", "2", "--train.log_every", "1", "--train.threads", "1",
+            "--train.out_dir", str(out), "--data.seq_len", "192", "--data.micro_batch_size", "4",
+            "--data.sources", "[{spec: icd10cm}]", "--distill.regenerate", "8", "--distill.max_new_tokens", "24"]
+
+
+def test_train_mtp_layer_as_the_drafter(sharded_target_dir, tmp_path, capsys):
+    """`draft.kind: mtp` trains only the target's MTP layer: loss falls and the held-out acceptance length of
+    `--draft mtp` rises; the result is the target's checkpoint with only that layer's tensors changed (the shard
+    without them hard-linked), and speculation with it stays exact."""
+    import os
+
+    from angelmed.checkpoint import iter_checkpoint, load_model
+    from angelmed.infer.engine import Engine, GenerationRequest
+    from angelmed.serve.cli import make_drafter
+
+    out = tmp_path / "mtp"
+    assert train_main(_mtp_args(sharded_target_dir, out)) == 0
+    assert "--draft mtp" in capsys.readouterr().out
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    evals = [r for r in recs if r.get("eval")]
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert evals[0]["mean_accept_length"] < max(e["mean_accept_length"] for e in evals), evals
+
+    before = dict(iter_checkpoint(sharded_target_dir))
+    after = dict(iter_checkpoint(out / "best"))
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith("model.layers.3.") for n in changed), sorted(changed)[:5]
+    assert {n for n in changed if ".mlp.experts." in n}  # the MTP layer's experts were trained too
+    shard1 = "model-00001-of-00002.safetensors"
+    assert os.stat(out / "best" / shard1).st_ino == os.stat(sharded_target_dir / shard1).st_ino
+    assert (out / "best" / "draft_train_state.json").is_file()
+    assert not (sharded_target_dir / "draft_train_state.json").exists()
+
+    tuned = load_model(out / "best")
+    ps = [[5, 9, 13, 2, 7], [100, 3, 3, 8], [42] * 6]
+    plain = Engine(tuned, max_batch=3, max_seq_len=64).generate([GenerationRequest(p, max_tokens=16) for p in ps])
+    spec = Engine(tuned, max_batch=3, max_seq_len=64, draft=make_drafter(tuned, "mtp"), spec_tokens=3)
+    got = spec.generate([GenerationRequest(p, max_tokens=16) for p in ps])
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain]
+
+
+def test_train_mtp_resumes_exactly_after_a_crash(sharded_target_dir, tmp_path, monkeypatch):
+    """An MTP run killed in step 5 (after its step-3 save) and started again ends with the uninterrupted run's
+    MTP layer and losses."""
+    import angelmed.draft as draft_mod
+    from angelmed.checkpoint import iter_checkpoint
+
+    args = lambda out: _mtp_args(sharded_target_dir, out, steps=6, every=3)  # noqa: E731
+    assert train_main(args(tmp_path / "a")) == 0
+    real, calls = draft_mod.draft_loss_from_features, []
+
+    def crash_at_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(draft_mod, "draft_loss_from_features", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(args(tmp_path / "b"))
+    monkeypatch.setattr(draft_mod, "draft_loss_from_features", real)
+    assert train_main(args(tmp_path / "b")) == 0
+    a, b = dict(iter_checkpoint(tmp_path / "a" / "last")), dict(iter_checkpoint(tmp_path / "b" / "last"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    la, lb = ([json.loads(line).get("loss") for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+              for r in "ab")
+    assert la == lb
+
+
+def test_train_mtp_config_errors(target_dir, tmp_path, capsys):
+    assert train_main(["draft", "--target", str(target_dir), "--draft.kind", "mtp",
+                       "--draft.draft_vocab_size", "100"]) == 2
+    assert "draft.kind mtp" in capsys.readouterr().err
+    assert train_main(["draft", "--target", str(target_dir), "--draft.kind", "medusa"]) == 2
+    assert "draft.kind" in capsys.readouterr().err
+    no_mtp = tiny_model(0).drop_mtp()
+    save_model(no_mtp, tmp_path / "no_mtp")
+    assert train_main(["draft", "--target", str(tmp_path / "no_mtp"), "--draft.kind", "mtp"]) == 2
+    assert "no MTP layer" in capsys.readouterr().err

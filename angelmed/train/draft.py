@@ -9,6 +9,12 @@ draft runs real speculative decoding on held-out prompts (greedy, through the se
 acceptance length is logged; `out_dir/best` (highest acceptance length) and `out_dir/last` are draft directories
 written atomically, servable with `angelmed serve MODEL_DIR --draft OUT_DIR/best`.
 
+`draft.kind: mtp` trains the target's own MTP layer the same way instead (frozen main model, the final hidden state
+as its feature, the full lm_head): CPT teaches that layer one step ahead with teacher forcing, and its chained drafts
+fall off after the first. `out_dir/best` is then the target's checkpoint with only the MTP layer's tensors replaced
+(the shards not holding them are hard-linked), servable with `angelmed serve OUT_DIR/best --draft mtp` and loadable
+wherever the official layout is.
+
 `out_dir/last` also holds the training state (optimizer, data position, RNG, best record), and the regenerated
 replies are kept in `out_dir/regenerated.json`: a run started again with the same `out_dir` continues from the last
 evaluation (`train.resume: auto`) and trains exactly as if it had not stopped.
@@ -39,6 +45,7 @@ TRAIN_STATE = "trainer_state.pt"  # in out_dir/last: optimizer, data position, R
 # ---- configuration ---------------------------------------------------------------------------------------------
 @dataclass
 class DraftArchSection:
+    kind: str = "eagle3"  # eagle3: a new one-layer draft | mtp: the target's own MTP layer (saved in the target's layout)
     feature_layers: list[int] = field(default_factory=list)  # empty: (1, L // 2, L - 1); llama: (1, L // 2 - 1, L - 4)
     layout: str = "angelmed"  # "llama": LlamaForCausalLMEagle3, which vLLM/SGLang serve (angelmed convert --target)
     intermediate_size: int = 0  # dense MLP width of the draft layer; 0: the target's intermediate_size
@@ -134,6 +141,10 @@ def validate(cfg: DraftRunConfig) -> None:
     need(t.resume in ("auto", "never") or (Path(t.resume) / TRAIN_STATE).is_file(),
          f"train.resume: expected auto, never or a draft directory holding {TRAIN_STATE} (OUT_DIR/last of a draft "
          f"run), got {t.resume!r}")
+    need(cfg.draft.kind in ("eagle3", "mtp"), f"draft.kind: expected eagle3 or mtp, got {cfg.draft.kind!r}")
+    need(cfg.draft.kind != "mtp" or not (cfg.draft.draft_vocab_size or cfg.draft.init_from or cfg.draft.feature_layers),
+         "draft.kind mtp trains the target's own MTP layer: it takes the final hidden state and scores with the full "
+         "lm_head, so draft.draft_vocab_size, draft.feature_layers and draft.init_from do not apply")
     need(cfg.draft.layout in ("angelmed", "llama"), f"draft.layout: expected angelmed or llama, got "
                                                      f"{cfg.draft.layout!r}")
     need(len(cfg.draft.feature_layers) in (0, 3), f"draft.feature_layers: expected 3 layer ids or [], got "
@@ -247,14 +258,17 @@ def choose_vocab(batches, n_batches: int, size: int, vocab_size: int, always: li
 # ---- evaluation ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def acceptance(target, draft, prompts: list[list[int]], k: int, max_tokens: int, stop_ids: list[int]) -> dict:
-    """Run greedy speculative decoding through the serving engine; its SpecStats (mean acceptance length...)."""
+    """Run greedy speculative decoding through the serving engine; its SpecStats (mean acceptance length...).
+    draft: a DraftModel, or an MTPHead (the target's MTP layer drafts)."""
+    from angelmed.draft import MTPHead
     from angelmed.infer.engine import Engine, GenerationRequest
-    from angelmed.infer.speculative import Eagle3Drafter
+    from angelmed.infer.speculative import Eagle3Drafter, MTPDrafter
 
     was_training = draft.training
     draft.eval()
+    drafter = MTPDrafter(target) if isinstance(draft, MTPHead) else Eagle3Drafter(target, draft)
     eng = Engine(target, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + max_tokens + 1,
-                 stop_ids=stop_ids, draft=Eagle3Drafter(target, draft), spec_tokens=k)
+                 stop_ids=stop_ids, draft=drafter, spec_tokens=k)
     t0 = time.perf_counter()
     res = eng.generate([GenerationRequest(p, max_tokens=max_tokens) for p in prompts])
     dt = time.perf_counter() - t0
@@ -320,7 +334,7 @@ def _regenerated(target, tok, cfg: DraftRunConfig, out_dir: Path, resuming: bool
 
 def run(cfg: DraftRunConfig) -> dict[str, Any]:
     from angelmed.checkpoint import atomic_write_text, load_model
-    from angelmed.draft import DraftConfig, DraftModel, draft_loss_from_features, load_draft, target_features
+    from angelmed.draft import DraftConfig, DraftModel, MTPHead, draft_loss_from_features, load_draft, target_features
     from angelmed.train.checkpointing import rng_state, set_rng_state
 
     t = cfg.train
@@ -333,15 +347,24 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
 
-    target = load_model(cfg.target, dtype=t.dtype, device=device).eval()
+    resume_from = resume_dir(t.resume, out_dir)
+    mtp = cfg.draft.kind == "mtp"
+    # an MTP run's checkpoints are the target itself with the MTP layer trained so far
+    target = load_model(resume_from if mtp and resume_from else cfg.target, dtype=t.dtype, device=device).eval()
     for p in target.parameters():
         p.requires_grad_(False)
     tcfg = target.config
     tok = load_target_tokenizer(cfg.data.tokenizer, cfg.target, tcfg.vocab_size)
     stop_ids = list(tok.stop_ids)
 
-    resume_from = resume_dir(t.resume, out_dir)
-    if resume_from is not None:
+    if mtp:
+        if not tcfg.num_nextn_predict_layers:
+            raise RunConfigError(f"draft.kind mtp: the target {cfg.target} has no MTP layer "
+                                 f"(num_nextn_predict_layers = 0); train an EAGLE-3 draft instead (draft.kind eagle3)")
+        draft = MTPHead(target, cfg.target)
+        for p in draft.parameters():
+            p.requires_grad_(True)
+    elif resume_from is not None:
         draft = DraftModel.load(resume_from, dtype=torch.float32, device=device)
         draft.draft_config.check_target(tcfg, f"train.resume {resume_from}")
     elif cfg.draft.init_from:  # ours, or a LlamaForCausalLMEagle3 draft (e.g. a published one, to fine-tune)
@@ -414,7 +437,7 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
         b = {k: v.to(device) for k, v in next(batches).items()}
         for g in opt.param_groups:
             g["lr"] = _lr(step - 1, t)
-        feats, t_logits = target_features(target, b["input_ids"], draft.draft_config.feature_layers,
+        feats, t_logits = target_features(target, b["input_ids"], draft.feature_layers,
                                           b["position_ids"], b["segment_ids"])
         loss, agree = draft_loss_from_features(draft, target, b["input_ids"], [f.float() for f in feats],
                                                t_logits, t.ttt_steps, b["labels"], b["position_ids"],
@@ -451,7 +474,9 @@ def main(argv: list[str]) -> int:
     cfg = load_draft_config(args.config, rest, args.target)
     summary = run(cfg)
     b = summary["best"]
-    print(f"draft saved to {summary['out_dir']}/best (held-out acceptance length {b['mean_accept_length']:.3f} at "
+    what = ("target with its MTP layer trained as the drafter (serve it with --draft mtp)" if cfg.draft.kind == "mtp"
+            else "draft")
+    print(f"{what} saved to {summary['out_dir']}/best (held-out acceptance length {b['mean_accept_length']:.3f} at "
           f"step {b['step']}, k={cfg.train.eval_spec_tokens}; before training "
           f"{summary['initial']['mean_accept_length']:.3f})")
     return 0
