@@ -6,15 +6,16 @@ Target: `--target DIR` (a model trained by the pipeline). Without it, a self-con
 shared data root is available, MedQuAD Q/A (long free-text answers, 60% of the tokens) joins the mix, so replies
 are paragraphs rather than one-line ontology answers.
 Draft: `--draft DIR`, or trained here by `angelmed.train.draft` (self-distilled on the target's own replies to
-training prompts, training-time-test loss, reduced draft vocabulary) and cached under `--work`.
+training prompts, training-time-test loss, reduced draft vocabulary) and cached under `--work`. `--drafter mtp`:
+the target's own MTP layer, trained the same way (`train draft --draft.kind mtp`), drafts instead.
 
 Throughput: held-out chat prompts (never seen by the target or the draft), greedy, up to `--new-tokens` tokens per
 reply with the tokenizer's stop ids; 2 x concurrency requests per measurement (the queue keeps every slot busy),
 best of `--repeats` alternating runs. Greedy outputs with the draft are asserted identical to those without it
 (fp32; in bf16 a near-tie may round differently over 1 and k+1 positions, so identical replies are counted).
 
-    python benchmarks/bench_draft.py [--target DIR] [--draft DIR | --draft-layout llama] [--k 3] [--threads 1]
-                                     [--compile] [--dtype bfloat16]
+    python benchmarks/bench_draft.py [--target DIR] [--draft DIR | --draft-layout llama | --drafter mtp] [--k 3]
+                                     [--target-layers N] [--threads 1] [--compile] [--dtype bfloat16]
 
 Last line: one JSON object.
 """
@@ -82,13 +83,16 @@ def build_target(work: Path, steps: int, threads: int, layers: int | None) -> Pa
 def build_draft(work: Path, target: Path, args) -> Path:
     from angelmed.train.draft import load_draft_config, run
 
-    out = work / "_".join(["draft"] + ([] if args.draft_layout == "angelmed" else [args.draft_layout])
+    mtp = args.drafter == "mtp"
+    out = work / "_".join(["mtp" if mtp else "draft"]
+                          + ([] if args.draft_layout == "angelmed" or mtp else [args.draft_layout])
                           + ([] if args.target_layers is None else [f"l{args.target_layers}"]))
     if (out / "best" / "config.json").is_file():
         return out / "best"
-    cfg = load_draft_config(None, [
+    arch = ["--draft.kind", "mtp"] if mtp else ["--draft.draft_vocab_size", str(args.draft_vocab),
+                                                 "--draft.layout", args.draft_layout]
+    cfg = load_draft_config(None, [*arch,
         "--data.sources", json.dumps(SOURCES), "--data.seq_len", "384", "--data.micro_batch_size", "8",
-        "--draft.draft_vocab_size", str(args.draft_vocab), "--draft.layout", args.draft_layout,
         "--distill.regenerate", str(args.regenerate),
         "--distill.max_new_tokens", "160", "--distill.batch", "32",
         "--train.steps", str(args.draft_steps), "--train.eval_every", str(max(1, args.draft_steps // 3)),
@@ -128,6 +132,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=None, help="trained target model dir (default: build the stand-in)")
     ap.add_argument("--draft", default=None, help="draft dir (default: train one for the target)")
+    ap.add_argument("--drafter", default="eagle3", choices=["eagle3", "mtp"],
+                    help="mtp: the target's own MTP layer, trained here as the drafter (`train draft --draft.kind "
+                         "mtp`), instead of an EAGLE-3 draft; --draft then names that trained target")
     ap.add_argument("--work", default="runs/bench_draft", help="cache for the stand-in target and the draft")
     ap.add_argument("--target-steps", type=int, default=300)
     ap.add_argument("--target-layers", type=int, default=None,
@@ -156,21 +163,24 @@ def main() -> None:
 
     from angelmed.checkpoint import load_model
     from angelmed.draft import DraftModel
-    from angelmed.infer.speculative import Eagle3Drafter
+    from angelmed.infer.speculative import Eagle3Drafter, MTPDrafter
     from angelmed.train.draft import load_target_tokenizer
 
     work = Path(args.work)
     target_dir = (Path(args.target) if args.target
                   else build_target(work, args.target_steps, args.threads, args.target_layers))
     draft_dir = Path(args.draft) if args.draft else build_draft(work, target_dir, args)
-    model = load_model(target_dir, dtype=args.dtype).eval()
+    mtp = args.drafter == "mtp"
+    # mtp: the trained "draft" is the target itself with its MTP layer trained (main layers bit-identical)
+    model = load_model(draft_dir if mtp else target_dir, dtype=args.dtype).eval()
     tok = load_target_tokenizer("auto", str(target_dir), model.config.vocab_size)
-    draft = DraftModel.load(draft_dir)
+    draft = None if mtp else DraftModel.load(draft_dir)
     concs = [int(c) for c in args.concurrency.split(",")]
     pool = heldout_chat_prompts(target_dir, tok, 2 * max(concs), SOURCES)
     out = {"target": str(target_dir), "target_source": "given" if args.target else
            f"stand-in: small preset, SFT {args.target_steps} steps on {'+'.join(x['spec'] for x in SOURCES)} chats",
-           "draft": str(draft_dir), "draft_layout": draft.draft_config.layout, "k": args.k,
+           "draft": str(draft_dir), "drafter": args.drafter,
+           "draft_layout": None if mtp else draft.draft_config.layout, "k": args.k,
            "new_tokens": args.new_tokens, "threads": args.threads, "compile": args.compile,
            "device": "cpu", "results": {}}
     print(f"target {target_dir} ({model.config.param_counts()['total']:,} params), draft {draft_dir}, k={args.k}, "
@@ -180,7 +190,8 @@ def main() -> None:
         for c in concs:
             prompts = (pool * 2)[:max(2 * c, 8)]
             plain_eng = make_engine(model, max_len, tok.stop_ids, c, compile=args.compile)
-            spec_eng = make_engine(model, max_len, tok.stop_ids, c, Eagle3Drafter(model, draft), args.k, args.compile)
+            drafter = MTPDrafter(model) if mtp else Eagle3Drafter(model, draft)
+            spec_eng = make_engine(model, max_len, tok.stop_ids, c, drafter, args.k, args.compile)
             for eng in (plain_eng, spec_eng):  # warm-up: the whole workload once (compiled: the graphs for its shapes)
                 measure(eng, prompts, args.new_tokens)
             best_plain, best_spec, stats = 0.0, 0.0, None

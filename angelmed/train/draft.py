@@ -142,9 +142,8 @@ def validate(cfg: DraftRunConfig) -> None:
          f"train.resume: expected auto, never or a draft directory holding {TRAIN_STATE} (OUT_DIR/last of a draft "
          f"run), got {t.resume!r}")
     need(cfg.draft.kind in ("eagle3", "mtp"), f"draft.kind: expected eagle3 or mtp, got {cfg.draft.kind!r}")
-    need(cfg.draft.kind != "mtp" or not (cfg.draft.draft_vocab_size or cfg.draft.init_from or cfg.draft.feature_layers),
-         "draft.kind mtp trains the target's own MTP layer: it takes the final hidden state and scores with the full "
-         "lm_head, so draft.draft_vocab_size, draft.feature_layers and draft.init_from do not apply")
+    need(cfg.draft.kind != "mtp" or not cfg.draft.init_from,
+         "draft.init_from: draft.kind mtp trains the target's own MTP layer (it starts from the target's weights)")
     need(cfg.draft.layout in ("angelmed", "llama"), f"draft.layout: expected angelmed or llama, got "
                                                      f"{cfg.draft.layout!r}")
     need(len(cfg.draft.feature_layers) in (0, 3), f"draft.feature_layers: expected 3 layer ids or [], got "
@@ -362,6 +361,11 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
             raise RunConfigError(f"draft.kind mtp: the target {cfg.target} has no MTP layer "
                                  f"(num_nextn_predict_layers = 0); train an EAGLE-3 draft instead (draft.kind eagle3)")
         draft = MTPHead(target, cfg.target)
+        ignored = {k: v for k, v in dataclasses.asdict(cfg.draft).items()
+                   if k in ("feature_layers", "intermediate_size", "draft_vocab_size") and v}
+        if ignored:  # e.g. an EAGLE-3 config run with --draft.kind mtp
+            log.warning("draft.kind mtp: ignoring the EAGLE-3 draft's settings %s (the MTP layer takes the final "
+                        "hidden state and scores with the full lm_head)", ignored)
         for p in draft.parameters():
             p.requires_grad_(True)
     elif resume_from is not None:
