@@ -1,10 +1,13 @@
 """`angelmed speedrun`: the whole AntAngelMed recipe at CPU scale, in one command.
 
-    tokenizer -> CPT -> SFT -> GRPO, evaluating before CPT and after each stage, then the report card.
+    tokenizer -> CPT -> SFT -> GRPO -> MTP drafter, evaluating before CPT and after each stage, then the
+    report card.
 
 Everything lands in runs/<name>/: the tokenizer, one HF checkpoint per stage (<stage>/model), TensorBoard
 logs, the resolved stage configs (<stage>.yaml, runnable on their own with `angelmed train <stage>`), eval
-results (eval/*.json) and report.md. Rerunning the same command skips finished stages and resumes an
+results (eval/*.json) and report.md. The last stage trains the final model's MTP layer as its speculative drafter
+(`train draft --draft.kind mtp`: draft/best is the GRPO model with that layer trained, served with `--draft mtp`)
+and measures the speed-up (bench_spec/mtp_draft.json). Rerunning the same command skips finished stages and resumes an
 interrupted one from its last checkpoint. Without a data root it trains on the embedded ontologies
 (HPO, ICD-10-CM) and the in-project safety prompts; with --data-root it adds MedQuAD, PubMedQA
 abstracts, ChatDoctor, the Chinese dialogues, MedicalGPT and the HuatuoGPT-o1 prompts.
@@ -56,6 +59,12 @@ def stage_config(cfg: dict, stage: str, run_dir: Path, data_root: Path | None, t
     sc["stage"] = stage
     sc.setdefault("data", {}).update(tokenizer=str(run_dir / "tokenizer"),
                                      data_root=str(data_root) if data_root else None)
+    if stage == "draft":  # a DraftRunConfig: the final model is the frozen target
+        sc["target"] = str(run_dir / "grpo" / "model")
+        sc.setdefault("draft", {})["kind"] = "mtp"
+        sc.setdefault("train", {}).update(out_dir=str(run_dir / stage), resume="auto")
+        sc["train"].setdefault("seed", cfg.get("seed", 0))
+        return sc
     model = sc.setdefault("model", {})
     prev = {"sft": "cpt", "grpo": "sft"}.get(stage)
     if prev:
@@ -111,9 +120,57 @@ def run_train_stage(stage: str, cfg: dict, run_dir: Path, data_root: Path | None
         from angelmed.train.grpo_config import load_grpo_config
 
         grpo.run(load_grpo_config(path))
+    elif stage == "draft":
+        from angelmed.train import draft
+
+        dc = draft.load_draft_config(path)
+        summary = draft.run(dc)
+        speed = mtp_draft_speed(dc, summary, run_dir)
+        print(f"MTP drafter: held-out acceptance length {speed['acceptance_before']:.2f} -> "
+              f"{speed['acceptance_after']:.2f} (k={speed['k']}); batch 1: {speed['plain_tok_s']:.0f} -> "
+              f"{speed['mtp_draft_tok_s']:.0f} tok/s (x{speed['speedup']:.2f})")
     else:
         module = __import__(f"angelmed.train.{stage}", fromlist=["run"])
         module.run(load_config(stage, path))
+
+
+def mtp_draft_speed(dc, summary: dict, run_dir: Path) -> dict:
+    """Greedy batch-1 decoding of the held-out prompts with and without the trained MTP drafter (eager, the
+    engine's defaults): tok/s, the acceptance length, identical replies. Written to bench_spec/mtp_draft.json,
+    which the report card's Speed table reads."""
+    import torch
+
+    from angelmed.checkpoint import atomic_write_text, load_model
+    from angelmed.infer.engine import Engine, GenerationRequest
+    from angelmed.infer.speculative import MTPDrafter
+    from angelmed.train.draft import heldout_prompts, load_target_tokenizer
+
+    model = load_model(Path(dc.train.out_dir) / "best", dtype="float32")
+    tok = load_target_tokenizer(dc.data.tokenizer, dc.target, model.config.vocab_size)
+    prompts = heldout_prompts(dc, tok, dc.train.eval_prompts, dc.data.seq_len)
+    k, new = dc.train.eval_spec_tokens, dc.train.eval_max_tokens
+    out = {}
+    with torch.no_grad():
+        for name, draft in (("plain", None), ("mtp_draft", MTPDrafter(model))):
+            eng = Engine(model, max_batch=1, max_seq_len=max(map(len, prompts)) + new + k + 2,
+                         stop_ids=list(tok.stop_ids), draft=draft, spec_tokens=k, prefix_reuse=False)
+            reqs = [GenerationRequest(p, max_tokens=new) for p in prompts]
+            eng.generate(reqs[:2])  # warm-up
+            if eng.spec is not None:
+                eng.spec.reset_stats()
+            t0 = time.perf_counter()
+            res = eng.generate([GenerationRequest(p, max_tokens=new) for p in prompts])
+            dt = time.perf_counter() - t0
+            out[name] = ([r.token_ids for r in res], sum(len(r.token_ids) for r in res) / dt,
+                         eng.spec.stats.mean_accept_length if eng.spec is not None else None)
+    speed = {"k": k, "acceptance_before": summary["initial"]["mean_accept_length"],
+             "acceptance_after": summary["best"]["mean_accept_length"], "plain_tok_s": out["plain"][1],
+             "mtp_draft_tok_s": out["mtp_draft"][1], "speedup": out["mtp_draft"][1] / out["plain"][1],
+             "mean_accept_length": out["mtp_draft"][2],
+             "identical_replies": sum(a == b for a, b in zip(out["plain"][0], out["mtp_draft"][0])),
+             "replies": len(prompts)}
+    atomic_write_text(run_dir / "bench_spec" / "mtp_draft.json", json.dumps(speed, indent=2) + "\n")
+    return speed
 
 
 # ---- evaluation after each stage -----------------------------------------------------------------------
@@ -200,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(MEDICAL_ADVISORY)
     print(f"speedrun {name}: {run_dir} ({'data root ' + str(data_root) if data_root else 'embedded corpora only'})")
     t_start = time.time()
-    plan = ["tokenizer", "eval_init", "cpt", "eval_cpt", "sft", "eval_sft", "grpo", "eval_grpo", "report"]
+    plan = ["tokenizer", "eval_init", "cpt", "eval_cpt", "sft", "eval_sft", "grpo", "eval_grpo", "draft", "report"]
     tok = None
     for i, step in enumerate(plan):
         if step != "report" and _done(run_dir, step):
@@ -211,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         if step == "tokenizer":
             run_tokenizer(cfg, run_dir, data_root)
-        elif step in ("cpt", "sft", "grpo"):
+        elif step in ("cpt", "sft", "grpo", "draft"):
             if tok is None:
                 from angelmed.tokenizer import Tokenizer
 
@@ -228,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         if step != "report":
             _mark(run_dir, step, time.time() - t0)
     total = time.time() - t_start
-    final = run_dir / "grpo" / "model"
+    final = run_dir / "draft" / "best"  # the GRPO model, its MTP layer trained as the drafter
     print(f"\nspeedrun finished in {total / 60:.1f} min. Try the model:\n"
-          f"  angelmed chat {final}\n  angelmed serve {final} --port 8000\n"
+          f"  angelmed chat {final}\n  angelmed serve {final} --port 8000 --draft mtp\n"
           f"  angelmed eval mcq --model {final} --subset medqa --data-root DIR\n")
     return 0
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from angelmed.checkpoint import load_model
 from angelmed.tokenizer import Tokenizer
@@ -35,21 +36,29 @@ def test_smoke_speedrun_produces_every_artefact_and_resumes(tmp_path):
         assert "ontology_heldout" in checks["mcq"]
     assert "red_flag" in json.loads((run / "eval" / "sft_checks.json").read_text())
     assert "ontology" in json.loads((run / "eval" / "init_checks.json").read_text())["perplexity"]
+    # the last stage: the GRPO model with its MTP layer trained as the drafter, and its measured speed
+    final = load_model(run / "draft" / "best", dtype="float32")
+    grpo = load_model(run / "grpo" / "model", dtype="float32")
+    same = [torch.equal(a, b) for (n, a), b in zip(final.state_dict().items(), grpo.state_dict().values())
+            if not n.startswith(f"model.layers.{final.config.num_hidden_layers}.")]
+    assert all(same)  # main layers untouched
+    speed = json.loads((run / "bench_spec" / "mtp_draft.json").read_text())
+    assert speed["identical_replies"] == speed["replies"] == 2 and speed["mean_accept_length"] >= 1
     report = (run / "report.md").read_text()
-    assert "Stage by stage" in report and "Medical advisory" in report
-    assert "angelmed chat" in p.stdout
+    assert "Stage by stage" in report and "Medical advisory" in report and "mtp_draft/speedup" in report
+    assert f"angelmed serve {run / 'draft' / 'best'} --port 8000 --draft mtp" in p.stdout
 
     # a rerun skips every finished stage
     again = speedrun(tmp_path)
     assert again.returncode == 0
-    assert again.stdout.count("done earlier, skipped") == 8
+    assert again.stdout.count("done earlier, skipped") == 9
 
     # an interrupted stage (marker missing) reruns alone; earlier stages are not redone
     (run / ".done" / "grpo").unlink()
     (run / ".done" / "eval_grpo").unlink()
     third = speedrun(tmp_path)
     assert third.returncode == 0
-    assert "cpt: done earlier" in third.stdout and "[7/9] grpo  (" in third.stdout
+    assert "cpt: done earlier" in third.stdout and "[7/10] grpo  (" in third.stdout
 
 
 @pytest.mark.slow
