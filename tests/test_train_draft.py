@@ -77,11 +77,9 @@ def _draft_args(target_dir, out, steps=6):
             "--draft.vocab_sample_batches", "2", "--distill.regenerate", "16", "--distill.max_new_tokens", "12"]
 
 
-def test_train_draft_resumes_exactly_after_a_crash(target_dir, tmp_path, monkeypatch):
-    """A run killed after its step-3 save (in step 5) and started again ends with the uninterrupted run's weights and losses."""
+def _killed_in_step_5(monkeypatch, args: list[str]) -> None:
+    """Run `train draft` until its loss is computed for the 5th time (step 5, after the step-3 save): killed there."""
     import angelmed.draft as draft_mod
-
-    assert train_main(_draft_args(target_dir, tmp_path / "a")) == 0
 
     real, calls = draft_mod.draft_loss_from_features, []
 
@@ -93,8 +91,14 @@ def test_train_draft_resumes_exactly_after_a_crash(target_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(draft_mod, "draft_loss_from_features", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        train_main(_draft_args(target_dir, tmp_path / "b"))
+        train_main(args)
     monkeypatch.setattr(draft_mod, "draft_loss_from_features", real)
+
+
+def test_train_draft_resumes_exactly_after_a_crash(target_dir, tmp_path, monkeypatch):
+    """A run killed after its step-3 save (in step 5) and started again ends with the uninterrupted run's weights and losses."""
+    assert train_main(_draft_args(target_dir, tmp_path / "a")) == 0
+    _killed_in_step_5(monkeypatch, _draft_args(target_dir, tmp_path / "b"))
     regen = (tmp_path / "b" / "regenerated.json").stat().st_mtime_ns
     assert train_main(_draft_args(target_dir, tmp_path / "b")) == 0
     assert (tmp_path / "b" / "regenerated.json").stat().st_mtime_ns == regen  # read back, not regenerated
@@ -204,23 +208,11 @@ def test_train_mtp_layer_as_the_drafter(sharded_target_dir, tmp_path, capsys):
 def test_train_mtp_resumes_exactly_after_a_crash(sharded_target_dir, tmp_path, monkeypatch):
     """An MTP run killed in step 5 (after its step-3 save) and started again ends with the uninterrupted run's
     MTP layer and losses."""
-    import angelmed.draft as draft_mod
     from angelmed.checkpoint import iter_checkpoint
 
     args = lambda out: _mtp_args(sharded_target_dir, out, steps=6, every=3)  # noqa: E731
     assert train_main(args(tmp_path / "a")) == 0
-    real, calls = draft_mod.draft_loss_from_features, []
-
-    def crash_at_step_5(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **k)
-
-    monkeypatch.setattr(draft_mod, "draft_loss_from_features", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(args(tmp_path / "b"))
-    monkeypatch.setattr(draft_mod, "draft_loss_from_features", real)
+    _killed_in_step_5(monkeypatch, args(tmp_path / "b"))
     assert train_main(args(tmp_path / "b")) == 0
     a, b = dict(iter_checkpoint(tmp_path / "a" / "last")), dict(iter_checkpoint(tmp_path / "b" / "last"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
