@@ -349,11 +349,12 @@ def save_model(model: Transformer, path: str | os.PathLike, dtype: torch.dtype |
 
 
 def write_with_tensors(src: str | os.PathLike, dst: str | os.PathLike, new: dict[str, torch.Tensor],
-                       extra_files: dict[str, str | bytes] | None = None) -> Path:
+                       extra_files: dict[str, str | bytes] | None = None, omit: tuple[str, ...] = ()) -> Path:
     """Write `dst` atomically as checkpoint `src` with the tensors `new` (official names) replaced. Only the shards
     holding them are rewritten (their other tensors copied as they are); every other file is hard-linked (copied
     across filesystems), so a 200 GB checkpoint with a retrained MTP layer costs about one shard's write. A replaced
-    tensor keeps its format on disk: cast to its dtype, or block-FP8 quantised again with a new `_scale_inv`."""
+    tensor keeps its format on disk: cast to its dtype, or block-FP8 quantised again with a new `_scale_inv`.
+    omit: files of `src` not to carry over."""
     src, dst = Path(src), Path(dst)
     files = _weight_files(src)
     unknown = sorted(set(new) - set(files))
@@ -374,8 +375,8 @@ def write_with_tensors(src: str | os.PathLike, dst: str | os.PathLike, new: dict
     touched = {files[n] for n in values}
     with atomic_dir(dst) as tmp:
         for p in src.iterdir():
-            if p.is_file() and p not in touched and p.name not in (extra_files or {}):  # never write into a link
-                try:
+            if p.is_file() and p not in touched and p.name not in (extra_files or {}) and p.name not in omit:
+                try:  # (extra files are written beside the links, never through one into the source)
                     os.link(p, tmp / p.name)
                 except OSError:
                     shutil.copy2(p, tmp / p.name)

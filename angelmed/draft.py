@@ -44,6 +44,7 @@ DRAFT_ARCH = "AngelmedEagle3Draft"
 DRAFT_MODEL_TYPE = "angelmed_eagle3_draft"
 IGNORE_INDEX = -100
 LAYOUTS = ("angelmed", "llama")  # the draft's decoder layer: ours, or LlamaForCausalLMEagle3's
+MTP_DRAFT_VOCAB = "mtp_draft_vocab.json"  # beside a checkpoint: the target ids its MTP drafter scores
 
 
 @dataclass
@@ -489,10 +490,11 @@ class MTPHead(nn.Module):
     Saved as the target's checkpoint with only this layer's tensors replaced (`checkpoint.write_with_tensors`), so
     it stays the official layout."""
 
-    vocab_map = None
     feature_layers: tuple[int, ...] = ()
 
-    def __init__(self, target: Transformer, source: str | Path, depth: int = 0):
+    def __init__(self, target: Transformer, source: str | Path, depth: int = 0, vocab_map: Tensor | None = None):
+        """vocab_map: the draft vocabulary (sorted target ids) to train and serve the head with, saved beside the
+        checkpoint as `mtp_draft_vocab.json`; None: the full vocabulary."""
         super().__init__()
         if target.config.num_nextn_predict_layers <= depth:
             raise ValueError(f"{source}: the target has {target.config.num_nextn_predict_layers} MTP layer(s); "
@@ -501,6 +503,8 @@ class MTPHead(nn.Module):
         self.prefix = f"model.layers.{target.num_layers + depth}."
         self.source = Path(source)
         self._target = [target]  # not a submodule: only the MTP layer is this module's
+        w = target.model.word_embeddings.weight
+        self.vocab_map = None if vocab_map is None else torch.as_tensor(vocab_map, dtype=torch.long, device=w.device)
 
     def fuse(self, feats: list[Tensor]) -> Tensor:
         return feats[0]
@@ -520,13 +524,31 @@ class MTPHead(nn.Module):
             return target.model.word_embeddings(ids_BT)
 
     def head_weight(self, target: Transformer) -> Tensor:
-        return (target.model.word_embeddings.weight if target.lm_head is None else target.lm_head.weight).detach()
+        w = (target.model.word_embeddings.weight if target.lm_head is None else target.lm_head.weight).detach()
+        return w if self.vocab_map is None else w[self.vocab_map]
 
     def save(self, path: str | Path, extra_files: dict[str, str | bytes] | None = None) -> None:
         from angelmed.checkpoint import hf_state_dict, write_with_tensors
 
         new = {n: t for n, t in hf_state_dict(self._target[0]).items() if n.startswith(self.prefix)}
-        write_with_tensors(self.source, path, new, extra_files)
+        extra = dict(extra_files or {})
+        if self.vocab_map is not None:
+            extra[MTP_DRAFT_VOCAB] = json.dumps({"ids": self.vocab_map.tolist()}) + "\n"
+        write_with_tensors(self.source, path, new, extra, omit=(MTP_DRAFT_VOCAB,))  # never the source's
+
+
+def read_mtp_draft_vocab(path: str | Path) -> Tensor | None:
+    """The MTP drafter's vocabulary saved beside checkpoint `path` (`mtp_draft_vocab.json`), or None."""
+    f = Path(path) / MTP_DRAFT_VOCAB
+    if not f.is_file():
+        return None
+    try:
+        ids = json.loads(f.read_text())["ids"]
+        if not ids or not all(isinstance(i, int) for i in ids):
+            raise ValueError("expected a non-empty list of token ids")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{f}: not an MTP draft vocabulary {{\"ids\": [token ids]}} ({e})") from None
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
 
 
 @torch.no_grad()

@@ -151,7 +151,7 @@ def mtp_draft_speed(dc, summary: dict, run_dir: Path) -> dict:
     k, new = dc.train.eval_spec_tokens, dc.train.eval_max_tokens
     out = {}
     with torch.no_grad():
-        for name, draft in (("plain", None), ("mtp_draft", MTPDrafter(model))):
+        for name, draft in (("plain", None), ("mtp_draft", MTPDrafter.for_checkpoint(model, Path(dc.train.out_dir) / "best"))):
             eng = Engine(model, max_batch=1, max_seq_len=max(map(len, prompts)) + new + k + 2,
                          stop_ids=list(tok.stop_ids), draft=draft, spec_tokens=k, prefix_reuse=False)
             reqs = [GenerationRequest(p, max_tokens=new) for p in prompts]

@@ -190,7 +190,7 @@ def main() -> None:
         for c in concs:
             prompts = (pool * 2)[:max(2 * c, 8)]
             plain_eng = make_engine(model, max_len, tok.stop_ids, c, compile=args.compile)
-            drafter = MTPDrafter(model) if mtp else Eagle3Drafter(model, draft)
+            drafter = MTPDrafter.for_checkpoint(model, draft_dir) if mtp else Eagle3Drafter(model, draft)
             spec_eng = make_engine(model, max_len, tok.stop_ids, c, drafter, args.k, args.compile)
             for eng in (plain_eng, spec_eng):  # warm-up: the whole workload once (compiled: the graphs for its shapes)
                 measure(eng, prompts, args.new_tokens)

@@ -108,7 +108,9 @@ def main() -> None:
     print(f"model {source}, batch {args.batch}, k {k}, temperature {args.temperature}, compile {args.compile}, "
           f"replies {out['mean_reply_tokens']} tokens on average")
     print(f"plain decoding:          {plain_tps:8.1f} tok/s")
-    rows = [("mtp", MTPDrafter(model))] if model.config.num_nextn_predict_layers else []
+    rows = []
+    if model.config.num_nextn_predict_layers:  # with the draft vocabulary saved beside a trained checkpoint
+        rows.append(("mtp", MTPDrafter.for_checkpoint(model, args.model) if args.model else MTPDrafter(model)))
     rows.append(("self_draft", LMDrafter(model)))
     for name, drafter in rows:
         toks, tps, st = run(model, prompts, args.new_tokens, args.batch, stop_ids, drafter, k, args.temperature,

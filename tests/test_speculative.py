@@ -163,3 +163,33 @@ def test_rejection_sampling_reproduces_target_distribution():
     assert torch.allclose(f1, p1, atol=0.015), f1
     # acceptance of the first draft: sum_x min(p0, q0)
     assert abs((a >= 1).float().mean().item() - torch.minimum(p0, q0).sum().item()) < 0.01
+
+
+def test_mtp_draft_vocabulary_keeps_output_and_drafts_only_its_ids(model):
+    """An MTP drafter restricted to a draft vocabulary (FR-Spec style) drafts only those target ids, and greedy
+    output stays the plain output; with every id in it, it drafts exactly as the full head does."""
+    V = model.config.vocab_size
+    ps = prompts(3, seed=31)
+    plain = Engine(model, max_batch=3, max_seq_len=96).generate([GenerationRequest(p, max_tokens=16) for p in ps])
+    drafted = []
+
+    class Recording(MTPDrafter):
+        def propose(self, st, k):
+            d, q = super().propose(st, k)
+            drafted.extend(d.flatten().tolist())
+            return d, q
+
+    def serve(vocab_map):
+        eng = Engine(model, max_batch=3, max_seq_len=96, draft=Recording(model, vocab_map=vocab_map), spec_tokens=3)
+        out = eng.generate([GenerationRequest(p, max_tokens=16) for p in ps])
+        assert [r.token_ids for r in out] == [r.token_ids for r in plain]
+        return eng.spec.stats.accepted_hist
+
+    full = serve(None)
+    drafted.clear()
+    assert serve(torch.arange(V)) == full
+    drafted.clear()
+    serve(torch.arange(0, V, 2))
+    assert drafted and all(d % 2 == 0 for d in drafted)
+    with pytest.raises(ValueError, match="draft vocabulary"):
+        MTPDrafter(model, vocab_map=torch.tensor([0, V]))

@@ -178,7 +178,7 @@ def test_train_mtp_layer_as_the_drafter(sharded_target_dir, tmp_path, capsys):
     from angelmed.serve.cli import make_drafter
 
     out = tmp_path / "mtp"
-    assert train_main(_mtp_args(sharded_target_dir, out) + ["--draft.draft_vocab_size", "200"]) == 0  # ignored
+    assert train_main(_mtp_args(sharded_target_dir, out) + ["--draft.draft_vocab_size", "200"]) == 0
     assert "--draft mtp" in capsys.readouterr().out
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
@@ -196,11 +196,15 @@ def test_train_mtp_layer_as_the_drafter(sharded_target_dir, tmp_path, capsys):
     assert os.stat(out / "best" / shard1).st_ino == os.stat(sharded_target_dir / shard1).st_ino
     assert (out / "best" / "draft_train_state.json").is_file()
     assert not (sharded_target_dir / "draft_train_state.json").exists()
+    vocab = json.loads((out / "best" / "mtp_draft_vocab.json").read_text())["ids"]
+    assert len(vocab) == 200 and {510, 511} <= set(vocab)  # stop ids kept
 
     tuned = load_model(out / "best")
     ps = [[5, 9, 13, 2, 7], [100, 3, 3, 8], [42] * 6]
     plain = Engine(tuned, max_batch=3, max_seq_len=64).generate([GenerationRequest(p, max_tokens=16) for p in ps])
-    spec = Engine(tuned, max_batch=3, max_seq_len=64, draft=make_drafter(tuned, "mtp"), spec_tokens=3)
+    drafter = make_drafter(tuned, "mtp", model_dir=out / "best")
+    assert drafter.vocab_map.tolist() == sorted(vocab)
+    spec = Engine(tuned, max_batch=3, max_seq_len=64, draft=drafter, spec_tokens=3)
     got = spec.generate([GenerationRequest(p, max_tokens=16) for p in ps])
     assert [r.token_ids for r in got] == [r.token_ids for r in plain]
 
@@ -210,15 +214,40 @@ def test_train_mtp_resumes_exactly_after_a_crash(sharded_target_dir, tmp_path, m
     MTP layer and losses."""
     from angelmed.checkpoint import iter_checkpoint
 
-    args = lambda out: _mtp_args(sharded_target_dir, out, steps=6, every=3)  # noqa: E731
+    args = lambda out: _mtp_args(sharded_target_dir, out, steps=6, every=3) + [  # noqa: E731
+        "--draft.draft_vocab_size", "200"]
     assert train_main(args(tmp_path / "a")) == 0
     _killed_in_step_5(monkeypatch, args(tmp_path / "b"))
     assert train_main(args(tmp_path / "b")) == 0
+    va, vb = ((tmp_path / r / "last" / "mtp_draft_vocab.json").read_text() for r in "ab")
+    assert va == vb  # read back when resuming, not chosen again from batches further on
     a, b = dict(iter_checkpoint(tmp_path / "a" / "last")), dict(iter_checkpoint(tmp_path / "b" / "last"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     la, lb = ([json.loads(line).get("loss") for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
               for r in "ab")
     assert la == lb
+
+
+def test_mtp_head_saves_its_vocabulary_and_never_the_source_one(sharded_target_dir, tmp_path):
+    """A trained MTP layer saved with a draft vocabulary writes it beside the weights; saved without one, a stale
+    vocabulary file in the source checkpoint is not carried over (it would restrict the drafter)."""
+    import shutil
+
+    from angelmed.checkpoint import load_model
+    from angelmed.draft import MTP_DRAFT_VOCAB, MTPHead, read_mtp_draft_vocab
+
+    src = tmp_path / "src"
+    shutil.copytree(sharded_target_dir, src)
+    (src / MTP_DRAFT_VOCAB).write_text(json.dumps({"ids": [1, 2, 3]}))
+    target = load_model(src)
+    MTPHead(target, src).save(tmp_path / "full")
+    assert read_mtp_draft_vocab(tmp_path / "full") is None
+    MTPHead(target, src, vocab_map=torch.tensor([4, 9, 7])).save(tmp_path / "sub")
+    assert read_mtp_draft_vocab(tmp_path / "sub").tolist() == [4, 7, 9]
+    assert read_mtp_draft_vocab(src).tolist() == [1, 2, 3]  # the source untouched
+    (src / MTP_DRAFT_VOCAB).write_text("{}")
+    with pytest.raises(ValueError, match="mtp_draft_vocab.json"):
+        read_mtp_draft_vocab(src)
 
 
 def test_train_mtp_config_errors(target_dir, tmp_path, capsys):

@@ -155,9 +155,14 @@ def chain_drafts(st: "ContextState", k: int, rows: Tensor, next_logits) -> tuple
 
 class HiddenStateDrafter:
     """Drafters fed the target's hidden states (MTP layer, EAGLE-3 draft): one own KV cache layer; position t
-    sees (token t+1, target features at t). Subclasses give `_cache`, `_run` and `_dtype`."""
+    sees (token t+1, target features at t). Each round catches up on the positions verified last round, then
+    chains k drafts, the layer's own output standing in for the target features. Subclasses give `_cache`, `_run`,
+    `_dtype` and the head: `head_W`, the rows of the frozen lm_head the drafter scores, and `vocab_map`, their
+    target ids (None: the whole vocabulary; a frequent-token subset makes each draft step's head cheaper)."""
 
     kv: SlotCaches | None = None
+    head_W: Tensor
+    vocab_map: Tensor | None = None
 
     def allocate(self, max_batch: int, max_len: int) -> None:
         self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
@@ -172,18 +177,73 @@ class HiddenStateDrafter:
         self._run(next_BT, hidden_BTD.to(self._dtype), pos_BT, tmp)
         self.kv.write_rows(slots, tmp)
 
+    def _head_input(self, o_BD: Tensor) -> Tensor:
+        return o_BD
+
+    def _full_logits(self, o_BD: Tensor) -> Tensor:
+        sub = F.linear(self._head_input(o_BD), self.head_W).float()
+        if self.vocab_map is None:
+            return sub
+        full = sub.new_full((sub.shape[0], self.model.config.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocab_map, sub)  # tokens outside the draft vocabulary: q = 0
+
+    def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
+        caches = self.kv.view(st.n, st.S)
+        rows = torch.arange(st.n, device=st.ids_BL.device)
+        h = self._run(st.ids_BL, st.hidden_BLD.to(self._dtype), st.pos_BL, caches)
+        last = st.len_B - 1
+        g_BD, pos_B = h[rows, last], st.pos_BL[rows, last]
+
+        def advance(prev: Tensor) -> None:  # chain: the drafter's own output stands in for the target features
+            nonlocal g_BD, pos_B
+            pos_B = pos_B + 1
+            g_BD = self._run(prev[:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
+
+        if not st.sample and st.seen_BV is None:  # greedy, no penalty: argmax over the draft vocabulary only
+            drafts = []
+            for _ in range(k):
+                if drafts:
+                    advance(drafts[-1])
+                d = argmax(F.linear(self._head_input(g_BD), self.head_W))
+                drafts.append(d if self.vocab_map is None else self.vocab_map[d])
+            return torch.stack(drafts, 1), None
+
+        def next_logits(j: int, prev: Tensor | None) -> Tensor:
+            if prev is not None:
+                advance(prev)
+            return self._full_logits(g_BD)
+
+        return chain_drafts(st, k, rows, next_logits)
+
 
 class MTPDrafter(HiddenStateDrafter):
     """Drafts with MTP layer `depth` of `model` (the target itself, or a separately trained draft checkpoint of
-    the same shape whose MTP layer was trained on the target's hidden states). Keeps its own KV cache."""
+    the same shape whose MTP layer was trained on the target's hidden states). Keeps its own KV cache.
+    vocab_map: score only these target ids (sorted; e.g. a checkpoint's `mtp_draft_vocab.json`, see `for_checkpoint`)."""
 
     moe = True  # the MTP layer's FFN is always MoE
 
-    def __init__(self, model: Transformer, depth: int = 0):
+    def __init__(self, model: Transformer, depth: int = 0, vocab_map: Tensor | None = None):
         if model.config.num_nextn_predict_layers <= depth:
             raise ValueError(f"draft model has {model.config.num_nextn_predict_layers} MTP layer(s); "
                              f"depth {depth} needs at least {depth + 1}")
         self.model, self.depth = model, depth
+        w = (model.model.word_embeddings if model.lm_head is None else model.lm_head).weight.detach()
+        if vocab_map is not None:
+            vocab_map = vocab_map.to(device=w.device, dtype=torch.long)
+            if vocab_map.numel() == 0 or int(vocab_map.min()) < 0 or int(vocab_map.max()) >= w.shape[0]:
+                raise ValueError(f"MTP draft vocabulary: expected target ids in [0, {w.shape[0]}), got "
+                                 f"{vocab_map.numel()} ids")
+            w = w[vocab_map].contiguous()  # frozen: gather the subset once
+        self.head_W, self.vocab_map = w, vocab_map
+
+    @classmethod
+    def for_checkpoint(cls, model: Transformer, path, depth: int = 0) -> "MTPDrafter":
+        """The drafter for checkpoint directory `path`, with the draft vocabulary `train draft --draft.kind mtp`
+        saved beside the weights when there is one."""
+        from angelmed.draft import read_mtp_draft_vocab
+
+        return cls(model, depth, read_mtp_draft_vocab(path))
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
         cfg, w = self.model.config, self.model.model.word_embeddings.weight
@@ -199,23 +259,6 @@ class MTPDrafter(HiddenStateDrafter):
     @property
     def _dtype(self) -> torch.dtype:
         return self.model.model.word_embeddings.weight.dtype
-
-    def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor]:
-        m = self.model
-        caches = self.kv.view(st.n, st.S)
-        rows = torch.arange(st.n, device=st.ids_BL.device)
-        h = self._run(st.ids_BL, st.hidden_BLD.to(self._dtype), st.pos_BL, caches)
-        last = st.len_B - 1
-        g_BD, pos_B = h[rows, last], st.pos_BL[rows, last]
-
-        def next_logits(j: int, prev: Tensor | None) -> Tensor:
-            nonlocal g_BD, pos_B
-            if prev is not None:  # chain: the MTP layer's own output stands in for the target hidden
-                pos_B = pos_B + 1
-                g_BD = self._run(prev[:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
-            return m.logits_from_hidden(g_BD)
-
-        return chain_drafts(st, k, rows, next_logits)
 
 
 class LMDrafter:
@@ -292,40 +335,8 @@ class Eagle3Drafter(HiddenStateDrafter):
     def _dtype(self) -> torch.dtype:
         return self.head_W.dtype
 
-    def _full_logits(self, o_BD: Tensor) -> Tensor:
-        sub = F.linear(self.draft.head_input(o_BD), self.head_W).float()
-        if self.vocab_map is None:
-            return sub
-        full = sub.new_full((sub.shape[0], self.model.config.vocab_size), float("-inf"))
-        return full.index_copy_(1, self.vocab_map, sub)  # tokens outside the draft vocabulary: q = 0
-
-    def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
-        caches = self.kv.view(st.n, st.S)
-        rows = torch.arange(st.n, device=st.ids_BL.device)
-        h = self._run(st.ids_BL, st.hidden_BLD.to(self.head_W.dtype), st.pos_BL, caches)
-        last = st.len_B - 1
-        g_BD, pos_B = h[rows, last], st.pos_BL[rows, last]
-
-        def advance(prev: Tensor) -> None:  # chain: the draft's own output stands in for the target features
-            nonlocal g_BD, pos_B
-            pos_B = pos_B + 1
-            g_BD = self._run(prev[:, None], g_BD[:, None], pos_B[:, None], caches)[:, 0]
-
-        if not st.sample and st.seen_BV is None:  # greedy, no penalty: argmax over the draft vocabulary only
-            drafts = []
-            for _ in range(k):
-                if drafts:
-                    advance(drafts[-1])
-                d = argmax(F.linear(self.draft.head_input(g_BD), self.head_W))
-                drafts.append(d if self.vocab_map is None else self.vocab_map[d])
-            return torch.stack(drafts, 1), None
-
-        def next_logits(j: int, prev: Tensor | None) -> Tensor:
-            if prev is not None:
-                advance(prev)
-            return self._full_logits(g_BD)
-
-        return chain_drafts(st, k, rows, next_logits)
+    def _head_input(self, o_BD: Tensor) -> Tensor:
+        return self.draft.head_input(o_BD)
 
 
 # ---- engine integration ------------------------------------------------------------------------------------

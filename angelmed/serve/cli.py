@@ -143,16 +143,17 @@ def _stop_ids(model_dir: str, tokenizer) -> list[int]:
     return ids
 
 
-def make_drafter(model, draft: str | None, dtype: str | None = None, device: str = "cpu"):
+def make_drafter(model, draft: str | None, dtype: str | None = None, device: str = "cpu", model_dir=None):
     """The speculative drafter for `--draft`: None, 'mtp' (the target's own MTP layer), or a directory, dispatched
     on its config's architectures: an angelmed EAGLE-3 draft (Eagle3Drafter) or a BailingMoeV2 checkpoint whose
-    MTP layer drafts (MTPDrafter)."""
+    MTP layer drafts (MTPDrafter). An MTP drafter scores the draft vocabulary saved beside its checkpoint (`train
+    draft --draft.kind mtp --draft.draft_vocab_size N`) when there is one; model_dir: the target's directory."""
     if not draft:
         return None
     from angelmed.infer.speculative import Eagle3Drafter, MTPDrafter
 
     if draft == "mtp":
-        return MTPDrafter(model)
+        return MTPDrafter.for_checkpoint(model, model_dir) if model_dir else MTPDrafter(model)
     d = Path(draft)
     if not (d / "config.json").is_file():
         raise ValueError(f"--draft {draft}: expected 'mtp' or a directory with a config.json")
@@ -163,7 +164,7 @@ def make_drafter(model, draft: str | None, dtype: str | None = None, device: str
         return Eagle3Drafter(model, load_draft(d, model.config, dtype=w.dtype, device=w.device))
     from angelmed.checkpoint import load_model
 
-    return MTPDrafter(load_model(d, dtype=dtype, device=device))
+    return MTPDrafter.for_checkpoint(load_model(d, dtype=dtype, device=device), d)
 
 
 def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = None, dtype: str | None = None,
@@ -187,7 +188,7 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
     else:
         model = load_fp8(model_dir, mode=fp8, dtype=dtype, device=device)
     tokenizer = tokenizer or load_tokenizer(model_dir)
-    drafter = make_drafter(model, draft, dtype, device)
+    drafter = make_drafter(model, draft, dtype, device, model_dir)
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                     stop_ids=_stop_ids(model_dir, tokenizer), max_queue=max_queue, compile=compile,
                     draft=drafter, spec_tokens=spec_tokens)

@@ -333,7 +333,8 @@ def _regenerated(target, tok, cfg: DraftRunConfig, out_dir: Path, resuming: bool
 
 def run(cfg: DraftRunConfig) -> dict[str, Any]:
     from angelmed.checkpoint import atomic_write_text, load_model
-    from angelmed.draft import DraftConfig, DraftModel, MTPHead, draft_loss_from_features, load_draft, target_features
+    from angelmed.draft import (DraftConfig, DraftModel, MTPHead, draft_loss_from_features, load_draft,
+                                read_mtp_draft_vocab, target_features)
     from angelmed.train.checkpointing import rng_state, set_rng_state
 
     t = cfg.train
@@ -360,12 +361,13 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
         if not tcfg.num_nextn_predict_layers:
             raise RunConfigError(f"draft.kind mtp: the target {cfg.target} has no MTP layer "
                                  f"(num_nextn_predict_layers = 0); train an EAGLE-3 draft instead (draft.kind eagle3)")
-        draft = MTPHead(target, cfg.target)
         ignored = {k: v for k, v in dataclasses.asdict(cfg.draft).items()
-                   if k in ("feature_layers", "intermediate_size", "draft_vocab_size") and v}
+                   if k in ("feature_layers", "intermediate_size") and v}
         if ignored:  # e.g. an EAGLE-3 config run with --draft.kind mtp
             log.warning("draft.kind mtp: ignoring the EAGLE-3 draft's settings %s (the MTP layer takes the final "
-                        "hidden state and scores with the full lm_head)", ignored)
+                        "hidden state)", ignored)
+        vocab = read_mtp_draft_vocab(resume_from) if resume_from is not None else None
+        draft = MTPHead(target, cfg.target, vocab_map=vocab)
         for p in draft.parameters():
             p.requires_grad_(True)
     elif resume_from is not None:
@@ -379,10 +381,15 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
                                     cfg.draft.layout)
         draft = DraftModel(dc).init_weights(cfg.draft.init_seed).to(device)
     pool = _regenerated(target, tok, cfg, out_dir, resume_from is not None) if cfg.distill.regenerate else None
-    if draft.vocab_map is not None and not cfg.draft.init_from and resume_from is None:
-        ids, coverage = choose_vocab(train_batches(cfg, tok, pool), cfg.draft.vocab_sample_batches,
-                                     draft.vocab_map.numel(), tcfg.vocab_size, stop_ids)
-        draft.set_vocab(ids)
+    vocab_size = (cfg.draft.draft_vocab_size if mtp and cfg.draft.draft_vocab_size < tcfg.vocab_size
+                  else 0 if mtp or draft.vocab_map is None else draft.vocab_map.numel())
+    if vocab_size and not cfg.draft.init_from and resume_from is None:
+        ids, coverage = choose_vocab(train_batches(cfg, tok, pool), cfg.draft.vocab_sample_batches, vocab_size,
+                                     tcfg.vocab_size, stop_ids)
+        if mtp:
+            draft.vocab_map = torch.tensor(ids, dtype=torch.long, device=device)
+        else:
+            draft.set_vocab(ids)
         log.info("draft vocabulary: %d of %d tokens, covering %.1f%% of the predicted tokens sampled",
                  len(ids), tcfg.vocab_size, 100 * coverage)
     draft = draft.to(dtype) if dtype != torch.float32 and device == "cuda" else draft
