@@ -84,14 +84,13 @@ def build_draft(work: Path, target: Path, args) -> Path:
     from angelmed.train.draft import load_draft_config, run
 
     mtp = args.drafter == "mtp"
-    out = work / "_".join(["mtp" if mtp else "draft"]
-                          + ([] if args.draft_layout == "angelmed" or mtp else [args.draft_layout])
-                          + ([] if args.target_layers is None else [f"l{args.target_layers}"]))
+    name = (["mtp"] + ([f"v{args.draft_vocab}"] if args.draft_vocab else []) if mtp
+            else ["draft"] + ([] if args.draft_layout == "angelmed" else [args.draft_layout]))
+    out = work / "_".join(name + ([] if args.target_layers is None else [f"l{args.target_layers}"]))
     if (out / "best" / "config.json").is_file():
         return out / "best"
-    arch = ["--draft.kind", "mtp"] if mtp else ["--draft.draft_vocab_size", str(args.draft_vocab),
-                                                 "--draft.layout", args.draft_layout]
-    cfg = load_draft_config(None, [*arch,
+    arch = ["--draft.kind", "mtp"] if mtp else ["--draft.layout", args.draft_layout]
+    cfg = load_draft_config(None, [*arch, "--draft.draft_vocab_size", str(args.draft_vocab),
         "--data.sources", json.dumps(SOURCES), "--data.seq_len", "384", "--data.micro_batch_size", "8",
         "--distill.regenerate", str(args.regenerate),
         "--distill.max_new_tokens", "160", "--distill.batch", "32",
