@@ -12,7 +12,7 @@ import torch
 
 from angelmed.checkpoint import CheckpointError, load_model, read_generation_config, save_model
 from angelmed.config import ConfigError, ModelConfig, get_preset, PRESETS
-from angelmed.draft import draft_summary
+from angelmed.draft import draft_summary, read_mtp_draft_vocab
 from angelmed.hub import local_dir
 
 
@@ -69,6 +69,7 @@ def info(argv: list[str]) -> int:
     ap.add_argument("--gpu-gb", type=float, default=None,
                     help="GPU memory in GB (e.g. 80): also print the fewest GPUs for BF16 and FP8 weights")
     a = ap.parse_args(argv)
+    mtp_vocab = None
     if a.model in PRESETS and not Path(a.model).exists():
         cfg = get_preset(a.model)
     else:
@@ -77,6 +78,7 @@ def info(argv: list[str]) -> int:
         if draft is not None:
             return _print_summary(draft, a.json)
         cfg = ModelConfig.from_json(path)
+        mtp_vocab = read_mtp_draft_vocab(path)  # `train draft --draft.kind mtp --draft.draft_vocab_size N`
     counts = cfg.param_counts()
     summary = {
         "layers": cfg.num_hidden_layers, "dense_layers": cfg.first_k_dense_replace, "hidden": cfg.hidden_size,
@@ -89,6 +91,8 @@ def info(argv: list[str]) -> int:
         "params_active": counts["active"], "params_expert_bias_fp32": counts["expert_bias_fp32"],
         **serving_memory(cfg),
     }
+    if mtp_vocab is not None:
+        summary["mtp_draft_vocab"] = mtp_vocab.numel()
     if a.gpu_gb:
         summary.update(gpu_plan(summary, a.gpu_gb))
     return _print_summary(summary, a.json, a.gpu_gb, cfg.max_position_embeddings)

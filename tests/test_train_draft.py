@@ -198,6 +198,10 @@ def test_train_mtp_layer_as_the_drafter(sharded_target_dir, tmp_path, capsys):
     assert not (sharded_target_dir / "draft_train_state.json").exists()
     vocab = json.loads((out / "best" / "mtp_draft_vocab.json").read_text())["ids"]
     assert len(vocab) == 200 and {510, 511} <= set(vocab)  # stop ids kept
+    from angelmed.commands import info
+
+    assert info([str(out / "best"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mtp_draft_vocab"] == 200
 
     tuned = load_model(out / "best")
     ps = [[5, 9, 13, 2, 7], [100, 3, 3, 8], [42] * 6]
