@@ -7,8 +7,8 @@ Everything lands in runs/<name>/: the tokenizer, one HF checkpoint per stage (<s
 logs, the resolved stage configs (<stage>.yaml, runnable on their own with `angelmed train <stage>`), eval
 results (eval/*.json) and report.md. The last stage trains the final model's MTP layer as its speculative drafter
 (`train draft --draft.kind mtp`: draft/best is the GRPO model with that layer trained, served with `--draft mtp`)
-and measures the speed-up (bench_spec/mtp_draft.json). Rerunning the same command skips finished stages and resumes an
-interrupted one from its last checkpoint. Without a data root it trains on the embedded ontologies
+and measures the speed-up (bench_spec/mtp_draft.json). Rerunning the same command skips finished stages and
+resumes an interrupted one from its last checkpoint. Without a data root it trains on the embedded ontologies
 (HPO, ICD-10-CM) and the in-project safety prompts; with --data-root it adds MedQuAD, PubMedQA
 abstracts, ChatDoctor, the Chinese dialogues, MedicalGPT and the HuatuoGPT-o1 prompts.
 """
@@ -145,17 +145,17 @@ def mtp_draft_speed(dc, summary: dict, run_dir: Path) -> dict:
     from angelmed.infer.speculative import MTPDrafter
     from angelmed.train.draft import heldout_prompts, load_target_tokenizer
 
-    model = load_model(Path(dc.train.out_dir) / "best", dtype="float32")
+    best = Path(dc.train.out_dir) / "best"
+    model = load_model(best, dtype="float32")
     tok = load_target_tokenizer(dc.data.tokenizer, dc.target, model.config.vocab_size)
     prompts = heldout_prompts(dc, tok, dc.train.eval_prompts, dc.data.seq_len)
     k, new = dc.train.eval_spec_tokens, dc.train.eval_max_tokens
     out = {}
     with torch.no_grad():
-        for name, draft in (("plain", None), ("mtp_draft", MTPDrafter.for_checkpoint(model, Path(dc.train.out_dir) / "best"))):
+        for name, draft in (("plain", None), ("mtp_draft", MTPDrafter.for_checkpoint(model, best))):
             eng = Engine(model, max_batch=1, max_seq_len=max(map(len, prompts)) + new + k + 2,
                          stop_ids=list(tok.stop_ids), draft=draft, spec_tokens=k, prefix_reuse=False)
-            reqs = [GenerationRequest(p, max_tokens=new) for p in prompts]
-            eng.generate(reqs[:2])  # warm-up
+            eng.generate([GenerationRequest(p, max_tokens=new) for p in prompts[:2]])  # warm-up
             if eng.spec is not None:
                 eng.spec.reset_stats()
             t0 = time.perf_counter()

@@ -219,7 +219,7 @@ class HiddenStateDrafter:
 class MTPDrafter(HiddenStateDrafter):
     """Drafts with MTP layer `depth` of `model` (the target itself, or a separately trained draft checkpoint of
     the same shape whose MTP layer was trained on the target's hidden states). Keeps its own KV cache.
-    vocab_map: score only these target ids (sorted; e.g. a checkpoint's `mtp_draft_vocab.json`, see `for_checkpoint`)."""
+    vocab_map: score only these target ids (sorted; e.g. a checkpoint's `mtp_draft_vocab.json`: `for_checkpoint`)."""
 
     moe = True  # the MTP layer's FFN is always MoE
 

@@ -45,7 +45,7 @@ TRAIN_STATE = "trainer_state.pt"  # in out_dir/last: optimizer, data position, R
 # ---- configuration ---------------------------------------------------------------------------------------------
 @dataclass
 class DraftArchSection:
-    kind: str = "eagle3"  # eagle3: a new one-layer draft | mtp: the target's own MTP layer (saved in the target's layout)
+    kind: str = "eagle3"  # eagle3: a new one-layer draft | mtp: the target's own MTP layer (in the target's layout)
     feature_layers: list[int] = field(default_factory=list)  # empty: (1, L // 2, L - 1); llama: (1, L // 2 - 1, L - 4)
     layout: str = "angelmed"  # "llama": LlamaForCausalLMEagle3, which vLLM/SGLang serve (angelmed convert --target)
     intermediate_size: int = 0  # dense MLP width of the draft layer; 0: the target's intermediate_size
