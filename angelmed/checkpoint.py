@@ -348,6 +348,10 @@ def save_model(model: Transformer, path: str | os.PathLike, dtype: torch.dtype |
     return path
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32}
+
+
 def write_with_tensors(src: str | os.PathLike, dst: str | os.PathLike, new: dict[str, torch.Tensor],
                        extra_files: dict[str, str | bytes] | None = None, omit: tuple[str, ...] = ()) -> Path:
     """Write `dst` atomically as checkpoint `src` with the tensors `new` (official names) replaced. Only the shards
@@ -360,18 +364,20 @@ def write_with_tensors(src: str | os.PathLike, dst: str | os.PathLike, new: dict
     unknown = sorted(set(new) - set(files))
     if unknown:
         raise CheckpointError(f"{src}: no tensor(s) {unknown[:8]} to replace")
+    disk_dtype: dict[str, str] = {}
+    for file in {files[n] for n in new}:  # each file opened once (an MoE layer has hundreds of tensors)
+        with _open(file) as f:
+            disk_dtype |= {n: f.get_slice(n).get_dtype() for n in new if files[n] == file}
     values: dict[str, torch.Tensor] = {}
     for name, t in new.items():
-        with _open(files[name]) as f:
-            disk_dtype = f.get_slice(name).get_dtype()
         t = t.detach().cpu()
-        if disk_dtype.startswith("F8"):
+        if disk_dtype[name].startswith("F8"):
             if name + "_scale_inv" not in files:
                 raise CheckpointError(f"{src}: FP8 tensor {name!r} has no {name}_scale_inv")
             values[name], values[name + "_scale_inv"] = quantize_fp8_block(t.float(),
                                                                             ue8m0=bool(_UE8M0_RE.search(name)))
         else:
-            values[name] = t.to(_SAFETENSORS_DTYPES[disk_dtype]).contiguous()
+            values[name] = t.to(_SAFETENSORS_DTYPES[disk_dtype[name]]).contiguous()
     touched = {files[n] for n in values}
     with atomic_dir(dst) as tmp:
         for p in src.iterdir():
@@ -387,10 +393,6 @@ def write_with_tensors(src: str | os.PathLike, dst: str | os.PathLike, new: dict
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     return dst
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32}
 
 
 def write_safetensors(sd: dict[str, torch.Tensor], out_dir: Path, shards: int | None = None) -> None:

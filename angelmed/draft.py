@@ -214,8 +214,7 @@ class DraftModel(nn.Module):
         draft's own head."""
         if self.draft_config.own_head:
             return self.lm_head.weight
-        w = target.model.word_embeddings.weight if target.lm_head is None else target.lm_head.weight
-        w = w.detach()
+        w = target.head_weight.detach()
         return w if self.vocab_map is None else w[self.vocab_map]
 
     # ---- persistence: an HF-style directory with its own config ------------------------------------------
@@ -503,8 +502,13 @@ class MTPHead(nn.Module):
         self.prefix = f"model.layers.{target.num_layers + depth}."
         self.source = Path(source)
         self._target = [target]  # not a submodule: only the MTP layer is this module's
-        w = target.model.word_embeddings.weight
-        self.vocab_map = None if vocab_map is None else torch.as_tensor(vocab_map, dtype=torch.long, device=w.device)
+        self.vocab_map = None
+        if vocab_map is not None:
+            self.set_vocab(vocab_map)
+
+    def set_vocab(self, target_ids: Tensor | list[int]) -> None:
+        device = self._target[0].model.word_embeddings.weight.device
+        self.vocab_map = torch.as_tensor(target_ids, dtype=torch.long, device=device).unique(sorted=True)
 
     def fuse(self, feats: list[Tensor]) -> Tensor:
         return feats[0]
@@ -524,7 +528,7 @@ class MTPHead(nn.Module):
             return target.model.word_embeddings(ids_BT)
 
     def head_weight(self, target: Transformer) -> Tensor:
-        w = (target.model.word_embeddings.weight if target.lm_head is None else target.lm_head.weight).detach()
+        w = target.head_weight.detach()
         return w if self.vocab_map is None else w[self.vocab_map]
 
     def save(self, path: str | Path, extra_files: dict[str, str | bytes] | None = None) -> None:

@@ -443,9 +443,13 @@ class Transformer(nn.Module):
         self.inv_freq = rope_parameters(self.config)[0].to(self.inv_freq.device)
         return self
 
+    @property
+    def head_weight(self) -> Tensor:
+        """The output projection [V, D]: lm_head, or the embedding when tied."""
+        return self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
     def logits_from_hidden(self, h_BTD: Tensor) -> Tensor:
-        w = self.model.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h_BTD, w).float()
+        return F.linear(h_BTD, self.head_weight).float()
 
     def causal_mask(self, pos_BT: Tensor, segment_BT: Tensor | None, S: int | None) -> Tensor | None:
         """Boolean [B,1,T,S] mask (True = attend); None means plain causal over T (fast path)."""

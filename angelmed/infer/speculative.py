@@ -228,7 +228,7 @@ class MTPDrafter(HiddenStateDrafter):
             raise ValueError(f"draft model has {model.config.num_nextn_predict_layers} MTP layer(s); "
                              f"depth {depth} needs at least {depth + 1}")
         self.model, self.depth = model, depth
-        w = (model.model.word_embeddings if model.lm_head is None else model.lm_head).weight.detach()
+        w = model.head_weight.detach()
         if vocab_map is not None:
             vocab_map = vocab_map.to(device=w.device, dtype=torch.long)
             if vocab_map.numel() == 0 or int(vocab_map.min()) < 0 or int(vocab_map.max()) >= w.shape[0]:

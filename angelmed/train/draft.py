@@ -381,15 +381,12 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
                                     cfg.draft.layout)
         draft = DraftModel(dc).init_weights(cfg.draft.init_seed).to(device)
     pool = _regenerated(target, tok, cfg, out_dir, resume_from is not None) if cfg.distill.regenerate else None
-    vocab_size = (cfg.draft.draft_vocab_size if mtp and cfg.draft.draft_vocab_size < tcfg.vocab_size
-                  else 0 if mtp or draft.vocab_map is None else draft.vocab_map.numel())
-    if vocab_size and not cfg.draft.init_from and resume_from is None:
-        ids, coverage = choose_vocab(train_batches(cfg, tok, pool), cfg.draft.vocab_sample_batches, vocab_size,
+    # a fresh run chooses its draft vocabulary (an EAGLE-3 draft was built with its size; 0 or all: none)
+    n_vocab = cfg.draft.draft_vocab_size if mtp else (0 if draft.vocab_map is None else draft.vocab_map.numel())
+    if 0 < n_vocab < tcfg.vocab_size and not cfg.draft.init_from and resume_from is None:
+        ids, coverage = choose_vocab(train_batches(cfg, tok, pool), cfg.draft.vocab_sample_batches, n_vocab,
                                      tcfg.vocab_size, stop_ids)
-        if mtp:
-            draft.vocab_map = torch.tensor(ids, dtype=torch.long, device=device)
-        else:
-            draft.set_vocab(ids)
+        draft.set_vocab(ids)
         log.info("draft vocabulary: %d of %d tokens, covering %.1f%% of the predicted tokens sampled",
                  len(ids), tcfg.vocab_size, 100 * coverage)
     draft = draft.to(dtype) if dtype != torch.float32 and device == "cuda" else draft
