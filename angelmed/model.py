@@ -131,11 +131,24 @@ class Attention(nn.Module):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(pos_BT, k, v)
         # kv head j serves q heads j*g .. (j+1)*g-1, as repeat_kv does
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        else:
+            k, v = cache.update(pos_BT, k, v)
+            out = grouped_query_attention(q, k, v, mask)
         return self.dense(out.transpose(1, 2).reshape(B, T, self.n_q * self.d))
+
+
+def grouped_query_attention(q_BHTd: Tensor, k_BKSd: Tensor, v_BKSd: Tensor, mask_B1TS: Tensor) -> Tensor:
+    """Attention over a KV cache with each kv head's g query heads folded into its query rows: [B,K,g*T,d]
+    against [B,K,S,d] reads the cache once, where enable_gqa's kernel expands it g times (CPU, 32-row decode
+    step over 320 positions: 397 vs 599 us fp32; 4-token verify: 669 vs 784 us fp32, 583 vs 969 us bf16)."""
+    B, H, T, d = q_BHTd.shape
+    K = k_BKSd.shape[1]
+    q = q_BHTd.reshape(B, K, H // K * T, d)
+    mask = mask_B1TS if T == 1 else mask_B1TS[:, :, None].expand(B, 1, H // K, T, -1).reshape(B, 1, H // K * T, -1)
+    return F.scaled_dot_product_attention(q, k_BKSd, v_BKSd, attn_mask=mask).view(B, H, T, d)
 
 
 # ---- feed-forward ------------------------------------------------------------------------------
