@@ -142,10 +142,13 @@ class Attention(nn.Module):
 
 def grouped_query_attention(q_BHTd: Tensor, k_BKSd: Tensor, v_BKSd: Tensor, mask_B1TS: Tensor) -> Tensor:
     """Attention over a KV cache with each kv head's g query heads folded into its query rows: [B,K,g*T,d]
-    against [B,K,S,d] reads the cache once, where enable_gqa's kernel expands it g times (CPU, 32-row decode
-    step over 320 positions: 397 vs 599 us fp32; 4-token verify: 669 vs 784 us fp32, 583 vs 969 us bf16)."""
+    against [B,K,S,d] reads the cache once, where the enable_gqa kernel expands it g times. Measured on CPU
+    (benchmarks/bench_attention.py, 32 rows over 320 positions): fp32 decode 1.5x, 4-token verify 1.2x; bf16
+    verify 1.6x. One bf16 query per row stays on enable_gqa, which has a faster path for it (0.84-0.98x folded)."""
     B, H, T, d = q_BHTd.shape
     K = k_BKSd.shape[1]
+    if T == 1 and q_BHTd.dtype != torch.float32:
+        return F.scaled_dot_product_attention(q_BHTd, k_BKSd, v_BKSd, attn_mask=mask_B1TS, enable_gqa=True)
     q = q_BHTd.reshape(B, K, H // K * T, d)
     mask = mask_B1TS if T == 1 else mask_B1TS[:, :, None].expand(B, 1, H // K, T, -1).reshape(B, 1, H // K * T, -1)
     return F.scaled_dot_product_attention(q, k_BKSd, v_BKSd, attn_mask=mask).view(B, H, T, d)
