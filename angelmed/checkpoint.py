@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from angelmed.config import ModelConfig
 from angelmed.model import Transformer, rope_parameters
@@ -295,10 +296,12 @@ def _blocks(n: int) -> int:
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, torch.Tensor]:
-    """Our state dict under the official names (experts unstacked), optionally cast or FP8-quantised."""
+def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None, fp8: bool = False,
+                  prefix: str = "") -> dict[str, torch.Tensor]:
+    """Our state dict under the official names (experts unstacked), optionally cast or FP8-quantised. A submodule
+    (e.g. one layer) gives its part with `prefix` (e.g. "model.layers.3.") before its names."""
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in model.state_dict(prefix=prefix).items():
         if name == "inv_freq":
             continue
         m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$", name)

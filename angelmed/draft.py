@@ -534,7 +534,7 @@ class MTPHead(nn.Module):
     def save(self, path: str | Path, extra_files: dict[str, str | bytes] | None = None) -> None:
         from angelmed.checkpoint import hf_state_dict, write_with_tensors
 
-        new = {n: t for n, t in hf_state_dict(self._target[0]).items() if n.startswith(self.prefix)}
+        new = hf_state_dict(self.layer, prefix=self.prefix)  # this layer only: the rest of a target may be FP8
         extra = dict(extra_files or {})
         if self.vocab_map is not None:
             extra[MTP_DRAFT_VOCAB] = json.dumps({"ids": self.vocab_map.tolist()}) + "\n"

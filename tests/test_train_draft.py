@@ -264,3 +264,49 @@ def test_train_mtp_config_errors(target_dir, tmp_path, capsys):
     save_model(no_mtp, tmp_path / "no_mtp")
     assert train_main(["draft", "--target", str(tmp_path / "no_mtp"), "--draft.kind", "mtp"]) == 2
     assert "no MTP layer" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def fp8_target_dir(tmp_path_factory):
+    """The confident tiny target as a block-FP8 checkpoint (the official converter's layout), in two shards."""
+    m = tiny_model(0)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    d = tmp_path_factory.mktemp("fp8") / "model"
+    save_model(m, d, fp8=True, shards=2)
+    return d
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "mtp"])
+def test_train_draft_against_a_resident_fp8_target(fp8_target_dir, tmp_path, caplog, kind):
+    """`train.fp8: resident` keeps the target's FP8 weights resident (what lets a 103B target fit one GPU) and trains
+    exactly what dequantising it at load trains: the same losses and the same saved draft. For `kind: mtp` the
+    result is still the FP8 checkpoint, its main layers bit-identical to the source."""
+    import logging
+
+    from angelmed.checkpoint import iter_checkpoint
+
+    args = lambda out: ([*_draft_args(fp8_target_dir, out, steps=4), "--draft.kind", kind]  # noqa: E731
+                        + (["--train.eval_every", "4"] if kind == "mtp" else []))
+    with caplog.at_level(logging.INFO, logger="angelmed.train.draft"):
+        assert train_main([*args(tmp_path / "resident"), "--train.fp8", "resident"]) == 0
+    assert "FP8 weights resident" in caplog.text
+    assert train_main(args(tmp_path / "dequant")) == 0
+    la, lb = ([json.loads(line).get("loss") for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+              for r in ("resident", "dequant"))
+    assert len([x for x in la if x is not None]) == 4 and la == lb
+    a, b = (dict(iter_checkpoint(tmp_path / r / "last")) for r in ("resident", "dequant"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    if kind == "mtp":
+        src = dict(iter_checkpoint(fp8_target_dir))
+        changed = {n for n in src if not torch.equal(src[n], a[n])}
+        assert changed and all(n.startswith("model.layers.3.") for n in changed)
+        assert a["model.layers.3.mlp.experts.0.gate_proj.weight"].dtype == torch.float8_e4m3fn
+        assert json.loads((tmp_path / "resident" / "last" / "config.json").read_text())["quantization_config"]
+
+
+def test_train_draft_fp8_resident_needs_an_fp8_target(target_dir, capsys):
+    assert train_main(["draft", "--target", str(target_dir), "--train.fp8", "resident"]) == 2
+    assert "not a block-FP8 checkpoint" in capsys.readouterr().err
+    assert train_main(["draft", "--target", str(target_dir), "--train.fp8", "fp4"]) == 2
+    assert "train.fp8" in capsys.readouterr().err

@@ -82,6 +82,9 @@ class DraftTrainSection:
     resume: str = "auto"  # auto: continue from out_dir/last when it holds training state | never | a draft dir
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # target and draft compute dtype: float32 | bfloat16
+    # a block-FP8 target: dequant (once, at load) | resident (its FP8 weights kept: about half bf16's memory,
+    # so a 103B target fits one 141 GB GPU); `draft.kind: mtp` dequantises the MTP layer it trains
+    fp8: str = "dequant"
     threads: int = 0
     seed: int = 0
     log_every: int = 10
@@ -132,6 +135,11 @@ def validate(cfg: DraftRunConfig) -> None:
          "train.eval_prompts, train.eval_max_tokens and train.eval_spec_tokens must be >= 1")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device: expected auto|cpu|cuda, got {t.device!r}")
     need(t.dtype in ("float32", "bfloat16"), f"train.dtype: expected float32|bfloat16, got {t.dtype!r}")
+    need(t.fp8 in ("dequant", "resident"), f"train.fp8: expected dequant|resident, got {t.fp8!r}")
+    if t.fp8 == "resident":
+        qc = json.loads((Path(cfg.target) / "config.json").read_text()).get("quantization_config") or {}
+        need(qc.get("quant_method") == "fp8", f"train.fp8 resident: the target {cfg.target} is not a block-FP8 "
+                                              f"checkpoint (write one with `angelmed convert SRC DST --fp8`)")
     need(d.seq_len >= 8, f"data.seq_len must be >= 8, got {d.seq_len}")
     need(d.micro_batch_size >= 1, f"data.micro_batch_size must be >= 1, got {d.micro_batch_size}")
     need(0 < d.heldout_fraction < 1, f"data.heldout_fraction must be in (0, 1) (held-out prompts), got "
@@ -331,10 +339,14 @@ def _regenerated(target, tok, cfg: DraftRunConfig, out_dir: Path, resuming: bool
     return pool
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def run(cfg: DraftRunConfig) -> dict[str, Any]:
-    from angelmed.checkpoint import atomic_write_text, load_model
+    from angelmed.checkpoint import atomic_write_text
     from angelmed.draft import (DraftConfig, DraftModel, MTPHead, draft_loss_from_features, load_draft,
                                 read_mtp_draft_vocab, target_features)
+    from angelmed.infer.quant import dequantize_model_, load_fp8, resident_weight_bytes
     from angelmed.train.checkpointing import rng_state, set_rng_state
 
     t = cfg.train
@@ -342,7 +354,7 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
+    dtype = _DTYPES[t.dtype]
     out_dir = Path(t.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
@@ -350,7 +362,9 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
     resume_from = resume_dir(t.resume, out_dir)
     mtp = cfg.draft.kind == "mtp"
     # an MTP run's checkpoints are the target itself with the MTP layer trained so far
-    target = load_model(resume_from if mtp and resume_from else cfg.target, dtype=t.dtype, device=device).eval()
+    target = load_fp8(resume_from if mtp and resume_from else cfg.target, t.fp8, t.dtype, device).eval()
+    if t.fp8 == "resident":
+        log.info("target: FP8 weights resident (%.2f GB of weights)", resident_weight_bytes(target)["total"] / 1e9)
     for p in target.parameters():
         p.requires_grad_(False)
     tcfg = target.config
@@ -367,6 +381,8 @@ def run(cfg: DraftRunConfig) -> dict[str, Any]:
             log.warning("draft.kind mtp: ignoring the EAGLE-3 draft's settings %s (the MTP layer takes the final "
                         "hidden state)", ignored)
         vocab = read_mtp_draft_vocab(resume_from) if resume_from is not None else None
+        if t.fp8 == "resident":  # the layer being trained needs real parameters; the rest stays FP8
+            dequantize_model_(target.model.layers[target.num_layers], dtype)
         draft = MTPHead(target, cfg.target, vocab_map=vocab)
         for p in draft.parameters():
             p.requires_grad_(True)
