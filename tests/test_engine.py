@@ -475,3 +475,30 @@ def test_prefix_reuse_stays_within_a_cache_salt(model):
     unsalted = eng.generate([req(None)])[0]
     assert unsalted.cached_tokens == 0
     assert first[0].token_ids == same.token_ids == other.token_ids == unsalted.token_ids
+
+
+def test_long_prompts_prefill_in_chunks(model, monkeypatch):
+    """With max_prefill_tokens below the prompts' length, every prefill forward computes at most that many tokens
+    (rows x columns), and the replies are still the greedy decode of the full prompts, with the log-probs of an
+    engine that prefills each prompt in one forward; prefix reuse works across chunks too."""
+    ps = [p * 4 for p in prompts(4, seed=31)]  # 12-76 tokens
+    sizes = []
+    forward = type(model).forward
+
+    def counting(self, ids_BT, *a, **kw):
+        sizes.append(ids_BT.numel())
+        return forward(self, ids_BT, *a, **kw)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    eng = Engine(model, max_batch=3, max_seq_len=160, max_prefill_tokens=16)
+    res = eng.generate([GenerationRequest(p, max_tokens=6, stop_ids=[], logprobs=True) for p in ps])
+    assert max(sizes) <= 16 and len(sizes) > sum(len(p) for p in ps) // 16
+    turn2 = ps[3] + res[3].token_ids + ps[1][:9]  # the next turn of chat 3: its cached prefix is reused
+    res.append(eng.generate([GenerationRequest(turn2, max_tokens=6, stop_ids=[], logprobs=True)])[0])
+    assert res[-1].cached_tokens > 16
+    monkeypatch.undo()
+    whole = Engine(model, max_batch=3, max_seq_len=160, prefix_reuse=False)
+    for p, r in zip(ps + [turn2], res):
+        assert r.token_ids == greedy_ref(model, p, 6)
+        want = whole.generate([GenerationRequest(p, max_tokens=6, stop_ids=[], logprobs=True)])[0]
+        assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs)) < 1e-5

@@ -193,3 +193,21 @@ def test_mtp_draft_vocabulary_keeps_output_and_drafts_only_its_ids(model):
     assert drafted and all(d % 2 == 0 for d in drafted)
     with pytest.raises(ValueError, match="draft vocabulary"):
         MTPDrafter(model, vocab_map=torch.tensor([0, V]))
+
+
+@pytest.mark.parametrize("kind", ["mtp", "lm"])
+def test_drafters_absorb_long_prompts_in_chunks(model, kind):
+    """Prefill in chunks (max_prefill_tokens below the prompt lengths) feeds the drafter the whole prompt: greedy
+    output stays plain greedy and every round drafts as with a one-forward prefill (the target as its own LM draft
+    still passes every draft)."""
+    ps = [p * 4 for p in prompts(3, seed=33)]
+    hists = []
+    for budget in (12, 8192):
+        drafter = MTPDrafter(model) if kind == "mtp" else LMDrafter(model)
+        eng = Engine(model, max_batch=3, max_seq_len=160, draft=drafter, spec_tokens=3, max_prefill_tokens=budget)
+        res = eng.generate([GenerationRequest(p, max_tokens=10, stop_ids=[]) for p in ps])
+        assert [r.token_ids for r in res] == [greedy_ref(model, p, 10) for p in ps]
+        hists.append(eng.spec.stats.accepted_hist)
+    assert hists[0] == hists[1]
+    if kind == "lm":
+        assert sum(hists[0][:-1]) == 0

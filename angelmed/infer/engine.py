@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from angelmed.infer.sampling import apply_repetition_penalty, argmax, filter_logits
-from angelmed.model import Experts, Transformer, write_kv
+from angelmed.model import Experts, ModelOutput, RouterInfo, Transformer, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +326,35 @@ class SlotCaches:
             tmp.v[row, :, lo:hi] = full.v[slot, :, lo:hi]
 
 
+def prompt_chunks(pos_BT: Tensor, caches: list, max_tokens: int) -> Iterator[tuple[slice, list]]:
+    """(columns, cache views) for each forward of a prefill done in chunks of at most `max_tokens` tokens (rows x
+    columns). A 128K-token prompt in one forward would need a [T, S] mask of 16 G entries and every layer's
+    activations for all of it. Each chunk's views end at its last position, so its mask spans only the cache it
+    can see. The chunks write their K/V in order, and later chunks read them back."""
+    B, T = pos_BT.shape
+    C = max(1, max_tokens // B)
+    if C >= T:
+        yield slice(None), caches
+        return
+    for c0 in range(0, T, C):
+        cols = slice(c0, min(c0 + C, T))
+        S = int(pos_BT[:, cols].max()) + 1
+        yield cols, [CacheView(c.k[:, :, :S], c.v[:, :, :S]) for c in caches]
+
+
+def concat_outputs(outs: list[ModelOutput]) -> ModelOutput:
+    """One ModelOutput for prompt chunks run one after another (hidden states, kept layers, routing)."""
+    if len(outs) == 1:
+        return outs[0]
+    cat = lambda ts: torch.cat(ts, dim=1)  # noqa: E731
+    B = outs[0].hidden.shape[0]
+    flat = lambda ts: cat([t.view(B, -1, t.shape[-1]) for t in ts]).view(-1, ts[0].shape[-1])  # noqa: E731
+    router = [RouterInfo(cat([r.idx_Tk for r in rs]), sum(r.counts_E for r in rs), flat([r.logits_TE for r in rs]),
+                         flat([r.scores_TE for r in rs])) for rs in zip(*(o.router for o in outs))]
+    return ModelOutput(None, cat([o.hidden for o in outs]), router=router,
+                       layer_hidden=[cat(hs) for hs in zip(*(o.layer_hidden for o in outs))])
+
+
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix (binary search over C-speed slice comparisons)."""
     lo, hi = 0, min(len(a), len(b))
@@ -404,7 +433,8 @@ class Engine:
                  compile: bool = False, draft=None, spec_tokens: int = 3, max_prefill_tokens: int = 8192,
                  prefix_reuse: bool = True):
         """draft: a speculative.DraftModel (e.g. MTPDrafter(model)); spec_tokens: tokens drafted per round;
-        prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft, the drafter takes
+        max_prefill_tokens: prompt tokens admitted together, and the most one prefill forward computes (a longer
+        prompt runs in chunks, each attending the cache the earlier ones wrote); prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft, the drafter takes
         its own cached entries for that prefix too)."""
         self.model = model.eval()
         self.cfg = model.config
@@ -777,7 +807,9 @@ class Engine:
                 self.kv.read_range(reuse_from[j][0], head, reuse[j] - back, tmp, u)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers
         keep = self.spec.feature_layers if self.spec is not None else ()
-        out = self.model(ids, pos_BT=pos, caches=tmp, compute_logits=False, keep_layers=keep)
+        out = concat_outputs([self.model(ids[:, cols], pos_BT=pos[:, cols], caches=views, compute_logits=False,
+                                         keep_layers=keep)
+                              for cols, views in prompt_chunks(pos, tmp, self.max_prefill_tokens)])
         uniq_t = torch.tensor(uniq_of, device=dev)
         last = torch.tensor([len(p) - 1 for p in run], device=dev)
         # only each row's last position is sampled: skip the lm_head (and a [m,T,V] fp32 tensor) elsewhere

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from angelmed.infer.engine import SlotCaches, gumbel_noise, process_logits, token_logprobs, uniform_noise
+from angelmed.infer.engine import (SlotCaches, gumbel_noise, process_logits, prompt_chunks, token_logprobs,
+                                   uniform_noise)
 from angelmed.infer.sampling import apply_repetition_penalty, argmax
 from angelmed.model import Experts, KVCache, Transformer, rope_cos_sin
 
@@ -73,11 +74,11 @@ class DraftModel(Protocol):
         """Make room for max_batch slots of max_len positions (own KV cache)."""
 
     def absorb(self, slots: Tensor, ids_BT: Tensor, next_BT: Tensor, hidden_BTD: Tensor, pos_BT: Tensor,
-               copies: list[tuple[int, int, int, int]]) -> None:
+               copies: list[tuple[int, int, int, int]], max_tokens: int) -> None:
         """Take in new prompts for the given slots: the positions the target ran (pos_BT, right-padded past each
         row's end), their tokens, the prompt token after each, and the target's hidden states there. copies:
         (row, source slot, lo, hi): positions [lo, hi) the target took from that slot's cache (prefix reuse), which
-        the drafter takes from its own."""
+        the drafter takes from its own. At most max_tokens tokens per forward (`engine.prompt_chunks`)."""
 
     def propose(self, state: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
         """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n). q may be None when
@@ -168,13 +169,14 @@ class HiddenStateDrafter:
         self.kv = SlotCaches([self._cache(max_batch, max_len)], max_len)
 
     def absorb(self, slots: Tensor, ids_BT: Tensor, next_BT: Tensor, hidden_BTD: Tensor, pos_BT: Tensor,
-               copies: list[tuple[int, int, int, int]]) -> None:
+               copies: list[tuple[int, int, int, int]], max_tokens: int) -> None:
         # Position t takes (prompt token t+1, features at t). The last prompt position has no next token yet: its
         # entry here is filler, rewritten by the first propose (which sees the sampled token), like the padding.
         tmp = [self._cache(pos_BT.shape[0], int(pos_BT.max()) + 1)]
         for row, src, lo, hi in copies:
             self.kv.read_range(src, lo, hi, tmp, row)
-        self._run(next_BT, hidden_BTD.to(self._dtype), pos_BT, tmp)
+        for cols, views in prompt_chunks(pos_BT, tmp, max_tokens):
+            self._run(next_BT[:, cols], hidden_BTD[:, cols].to(self._dtype), pos_BT[:, cols], views)
         self.kv.write_rows(slots, tmp)
 
     def _head_input(self, o_BD: Tensor) -> Tensor:
@@ -273,12 +275,13 @@ class LMDrafter:
         self.kv = SlotCaches(self.model.make_caches(max_batch, max_len + 1), max_len + 1)
 
     def absorb(self, slots: Tensor, ids_BT: Tensor, next_BT: Tensor, hidden_BTD: Tensor, pos_BT: Tensor,
-               copies: list[tuple[int, int, int, int]]) -> None:
+               copies: list[tuple[int, int, int, int]], max_tokens: int) -> None:
         # token t at position t, as the target's cache; the sampled token after the prompt comes next
         tmp = self.model.make_caches(pos_BT.shape[0], int(pos_BT.max()) + 1)
         for row, src, lo, hi in copies:
             self.kv.read_range(src, lo, hi, tmp, row)
-        self.model(ids_BT, pos_BT=pos_BT, caches=tmp, compute_logits=False)
+        for cols, views in prompt_chunks(pos_BT, tmp, max_tokens):
+            self.model(ids_BT[:, cols], pos_BT=pos_BT[:, cols], caches=views, compute_logits=False)
         self.kv.write_rows(slots, tmp)
 
     def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor]:
@@ -397,7 +400,7 @@ class SpecState:
                       last_B: Tensor, first_tok: Tensor, copies: list[tuple[int, int, int, int]]) -> None:
         """After a prefill: the drafter takes the prompts in (see DraftModel.absorb); each row's catch-up context
         is the sampled token with the target's state at the last prompt position (column last_B)."""
-        self.e.draft.absorb(idx, ids_BT, next_BT, hidden_BTD, pos_BT, copies)
+        self.e.draft.absorb(idx, ids_BT, next_BT, hidden_BTD, pos_BT, copies, self.e.max_prefill_tokens)
         rows = torch.arange(len(idx), device=ids_BT.device)
         self.ids_BL[idx, 0] = first_tok
         self.hidden_BLD[idx, 0] = hidden_BTD[rows, last_B].to(self.hidden_BLD.dtype)
