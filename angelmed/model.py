@@ -141,13 +141,15 @@ class Attention(nn.Module):
 
 
 def grouped_query_attention(q_BHTd: Tensor, k_BKSd: Tensor, v_BKSd: Tensor, mask_B1TS: Tensor) -> Tensor:
-    """Attention over a KV cache with each kv head's g query heads folded into its query rows: [B,K,g*T,d]
-    against [B,K,S,d] reads the cache once, where the enable_gqa kernel expands it g times. Measured on CPU
-    (benchmarks/bench_attention.py, 32 rows over 320 positions): fp32 decode 1.5x, 4-token verify 1.2x; bf16
-    verify 1.6x. One bf16 query per row stays on enable_gqa, which has a faster path for it (0.84-0.98x folded)."""
+    """Attention over a KV cache. For a few queries per row (decode, speculative verify) each kv head's g query
+    heads are folded into its query rows: [B,K,g*T,d] against [B,K,S,d] reads the cache once, where the
+    enable_gqa kernel expands it g times. Measured on CPU (benchmarks/bench_attention.py, 32 rows over 320
+    positions): fp32 decode 1.5x, 4-token verify 1.2x; bf16 4-token verify 1.6x. Past 8 queries the fold is
+    slower (0.8-0.97x at 16-64) and its mask is g times larger (a prefill chunk's), and one bf16 query per row has
+    a faster enable_gqa path (0.84-0.98x folded): those stay on enable_gqa."""
     B, H, T, d = q_BHTd.shape
     K = k_BKSd.shape[1]
-    if T == 1 and q_BHTd.dtype != torch.float32:
+    if T > 8 or (T == 1 and q_BHTd.dtype != torch.float32):
         return F.scaled_dot_product_attention(q_BHTd, k_BKSd, v_BKSd, attn_mask=mask_B1TS, enable_gqa=True)
     q = q_BHTd.reshape(B, K, H // K * T, d)
     mask = mask_B1TS if T == 1 else mask_B1TS[:, :, None].expand(B, 1, H // K, T, -1).reshape(B, 1, H // K * T, -1)

@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=320, help="cache positions attended (the engine's cropped view)")
     ap.add_argument("--heads", type=int, nargs=2, default=[6, 2], metavar=("Q", "KV"))
     ap.add_argument("--head-dim", type=int, default=32)
-    ap.add_argument("--queries", type=int, nargs="+", default=[1, 4], help="per row: 1 decode, k+1 verify")
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 4, 16],
+                    help="per row: 1 decode, k+1 verify, more: a prefill chunk (kept on enable_gqa)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     setup(args.threads)

@@ -801,9 +801,14 @@ class Engine:
             # right padding is harmless: pad positions lie past the row's frontier and are overwritten before use
             pos[u] = torch.tensor(p + list(range(lens[j], lens[j] + T - len(p))))
         ids, pos = ids.to(dev), pos.to(dev)
-        tmp = self.model.make_caches(len(uniq), max(lens[j] + T - len(p) for j, p in zip(uniq, run)))
+        S = max(lens[j] + T - len(p) for j, p in zip(uniq, run))
+        # One distinct prompt is prefilled straight into its (first) slot's cache: a long prompt's K/V is not held
+        # twice. Several go through temporary caches (slots are scattered rows, and may be each other's sources).
+        home = slots[uniq[0]] if len(uniq) == 1 else None
+        tmp = (self.model.make_caches(len(uniq), S) if home is None else
+               [CacheView(c.k[home:home + 1, :, :S], c.v[home:home + 1, :, :S]) for c in self.kv.caches])
         for u, j in enumerate(uniq):
-            if reuse[j]:
+            if reuse[j] and reuse_from[j][0] != home:
                 self.kv.read_range(reuse_from[j][0], head, reuse[j] - back, tmp, u)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers
         keep = self.spec.feature_layers if self.spec is not None else ()
@@ -815,7 +820,9 @@ class Engine:
         # only each row's last position is sampled: skip the lm_head (and a [m,T,V] fp32 tensor) elsewhere
         logits = last_logits = self.model.logits_from_hidden(out.hidden[uniq_t, last[uniq_t]])
         idx = self._set_slot_params(slots, reqs)
-        self.kv.write_rows(idx, tmp, uniq_t)
+        copy_to = [i for i, slot in enumerate(slots) if slot != home]
+        if copy_to:
+            self.kv.write_rows(idx[copy_to], tmp, uniq_t[copy_to])
         if any(r.repetition_penalty != 1 for r in reqs):
             logits = apply_repetition_penalty(logits, self.seen_BV[idx], self.pen_B[idx])
         sample = any(r.temperature > 0 for r in reqs)
