@@ -14,7 +14,7 @@ reply with the tokenizer's stop ids; 2 x concurrency requests per measurement (t
 best of `--repeats` alternating runs. Greedy outputs with the draft are asserted identical to those without it
 (fp32; in bf16 a near-tie may round differently over 1 and k+1 positions, so identical replies are counted).
 
-    python benchmarks/bench_draft.py [--target DIR] [--draft DIR | --draft-layout llama | --drafter mtp] [--k 3]
+    python benchmarks/bench_draft.py [--target DIR] [--draft DIR | --draft-layout llama | --drafter mtp] [--k 4]
                                      [--target-layers N] [--threads 1] [--compile] [--dtype bfloat16]
 
 Last line: one JSON object.
