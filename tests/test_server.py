@@ -330,15 +330,18 @@ def test_cli_prints_vllm_and_sglang_commands(tiny_dir, capsys):
     from angelmed.serve.cli import main
 
     assert main([str(tiny_dir), "--backend", "vllm", "--served-model-name", "AntAngelMed", "--port", "9000",
-                 "--max-seq-len", "4096", "--api-key", "s3cret"]) == 0
+                 "--max-seq-len", "4096", "--api-key", "s3cret", "--max-prefill-tokens", "2048"]) == 0
     out = capsys.readouterr()
     cmd = out.out.strip().split()
+    assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "2048"
     assert cmd[:3] == ["vllm", "serve", str(tiny_dir.resolve())] and "--trust-remote-code" in cmd
     assert cmd[cmd.index("--served-model-name") + 1] == "AntAngelMed" and cmd[cmd.index("--port") + 1] == "9000"
     assert cmd[cmd.index("--max-model-len") + 1] == "4096" and "s3cret" not in out.out
     assert "trust-remote-code needs them" in out.err  # the tiny dir has no remote-code modules
-    assert main([str(tiny_dir), "--backend", "sglang", "--draft", "mtp", "--spec-tokens", "2"]) == 0
+    assert main([str(tiny_dir), "--backend", "sglang", "--draft", "mtp", "--spec-tokens", "2",
+                 "--max-prefill-tokens", "2048"]) == 0
     cmd = capsys.readouterr().out.split()
+    assert cmd[cmd.index("--chunked-prefill-size") + 1] == "2048"
     assert cmd[:3] == ["python", "-m", "sglang.launch_server"] and "--trust-remote-code" in cmd
     assert cmd[cmd.index("--model-path") + 1] == str(tiny_dir.resolve())
     assert cmd[cmd.index("--speculative-algorithm") + 1] == "NEXTN"

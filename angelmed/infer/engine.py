@@ -430,11 +430,11 @@ class _Slot:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: TokenizerLike | None = None, max_batch: int = 16,
                  max_seq_len: int | None = None, stop_ids: list[int] | None = None, max_queue: int = 1024,
-                 compile: bool = False, draft=None, spec_tokens: int = 3, max_prefill_tokens: int = 8192,
+                 compile: bool = False, draft=None, spec_tokens: int = 3, max_prefill_tokens: int | None = None,
                  prefix_reuse: bool = True):
         """draft: a speculative.DraftModel (e.g. MTPDrafter(model)); spec_tokens: tokens drafted per round;
-        max_prefill_tokens: prompt tokens admitted together, and the most one prefill forward computes (a longer
-        prompt runs in chunks, each attending the cache the earlier ones wrote); prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft, the drafter takes
+        max_prefill_tokens: prompt tokens admitted together, and the most one prefill forward computes (default
+        8192; a longer prompt runs in chunks, each attending the cache the earlier ones wrote); prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft, the drafter takes
         its own cached entries for that prefix too)."""
         self.model = model.eval()
         self.cfg = model.config
@@ -445,7 +445,7 @@ class Engine:
             stop_ids = list(getattr(tokenizer, "stop_ids", None) or [])
         self.default_stop_ids = list(stop_ids)
         self.max_queue = max_queue
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens or 8192
         self.draft = draft
         self.spec_tokens = int(spec_tokens) if draft is not None else 0
         # speculative rounds write up to spec_tokens+1 positions past a row's frontier (rejected tail, padding)

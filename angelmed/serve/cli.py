@@ -26,6 +26,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences (KV cache slots)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: config max)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens per prefill forward (default 8192); longer prompts prefill in chunks, so this "
+                        "bounds prefill memory at long context (vLLM --max-num-batched-tokens, SGLang "
+                        "--chunked-prefill-size)")
     p.add_argument("--api-key", default=os.environ.get("ANGELMED_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $ANGELMED_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: directory name)")
@@ -59,6 +63,8 @@ def engine_command(args: argparse.Namespace, name: str) -> list[str]:
                "--host", args.host, "--port", str(args.port), "--max-num-seqs", str(args.max_batch)]
         if args.max_seq_len:
             cmd += ["--max-model-len", str(args.max_seq_len)]
+        if args.max_prefill_tokens:
+            cmd += ["--max-num-batched-tokens", str(args.max_prefill_tokens)]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
     else:
@@ -67,6 +73,8 @@ def engine_command(args: argparse.Namespace, name: str) -> list[str]:
                "--max-running-requests", str(args.max_batch)]
         if args.max_seq_len:
             cmd += ["--context-length", str(args.max_seq_len)]
+        if args.max_prefill_tokens:
+            cmd += ["--chunked-prefill-size", str(args.max_prefill_tokens)]
         if args.dtype:
             cmd += ["--dtype", args.dtype]
         k = args.spec_tokens
@@ -169,7 +177,8 @@ def make_drafter(model, draft: str | None, dtype: str | None = None, device: str
 
 def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = None, dtype: str | None = None,
                  device: str = "cpu", draft: str | None = None, spec_tokens: int = 3, max_queue: int = 256,
-                 compile: bool = False, tokenizer=None, fp8: str = "dequant", quantize: str | None = None):
+                 compile: bool = False, tokenizer=None, fp8: str = "dequant", quantize: str | None = None,
+                 max_prefill_tokens: int | None = None):
     """Model + tokenizer + engine for a checkpoint directory (shared by serve and chat).
 
     fp8: how a block-FP8 checkpoint runs: "dequant" (once, at load; fastest on CPUs) or "resident" (weights stay
@@ -191,7 +200,7 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
     drafter = make_drafter(model, draft, dtype, device, model_dir)
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                     stop_ids=_stop_ids(model_dir, tokenizer), max_queue=max_queue, compile=compile,
-                    draft=drafter, spec_tokens=spec_tokens)
+                    draft=drafter, spec_tokens=spec_tokens, max_prefill_tokens=max_prefill_tokens)
     if compile:  # greedy and the checkpoint's default sampling: what most requests use
         log.info("compiling the decode step (first requests would otherwise wait for it)")
         log.info("compiled in %.0f s", engine.warm_up() + engine.warm_up(**_sampling_defaults(model_dir)))
@@ -239,7 +248,7 @@ def main(argv: list[str]) -> int:
     try:
         engine, tokenizer = build_engine(args.model_dir, args.max_batch, args.max_seq_len, args.dtype, args.device,
                                          args.draft, args.spec_tokens, args.max_queue, args.compile, fp8=args.fp8,
-                                         quantize=args.quantize)
+                                         quantize=args.quantize, max_prefill_tokens=args.max_prefill_tokens)
     except (FileNotFoundError, ValueError) as e:  # missing tokenizer/weights, bad config or draft: say which
         print(f"angelmed serve: {e}", file=sys.stderr)
         return 2
