@@ -434,7 +434,8 @@ class Engine:
                  prefix_reuse: bool = True):
         """draft: a speculative.DraftModel (e.g. MTPDrafter(model)); spec_tokens: tokens drafted per round;
         max_prefill_tokens: prompt tokens admitted together, and the most one prefill forward computes (default
-        8192; a longer prompt runs in chunks, each attending the cache the earlier ones wrote); prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft, the drafter takes
+        8192; a longer prompt runs in chunks, each attending the cache the earlier ones wrote);
+        prefix_reuse: prefill only what a free slot's cache does not already hold (with a draft, the drafter takes
         its own cached entries for that prefix too)."""
         self.model = model.eval()
         self.cfg = model.config
