@@ -12,14 +12,19 @@ from angelmed.train.draft import choose_vocab
 from test_engine import tiny_model
 
 
+def confident_target(tmp_path_factory, name: str, **save_kw):
+    """The tiny model with a sharpened head, so agreement and acceptance can move within a few steps."""
+    m = tiny_model(0)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    d = tmp_path_factory.mktemp(name) / "model"
+    save_model(m, d, **save_kw)
+    return d
+
+
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory):
-    m = tiny_model(0)
-    with torch.no_grad():  # a confident target, so agreement and acceptance can move within a few steps
-        m.lm_head.weight.mul_(20)
-    d = tmp_path_factory.mktemp("target") / "model"
-    save_model(m, d)
-    return d
+    return confident_target(tmp_path_factory, "target")
 
 
 @pytest.mark.parametrize("layout", ["angelmed", "llama"])
@@ -149,11 +154,7 @@ def test_train_draft_fine_tunes_a_llama_eagle3_directory(target_dir, tmp_path):
 @pytest.fixture(scope="module")
 def sharded_target_dir(tmp_path_factory):
     """The confident tiny target in two shards: the MTP layer's tensors lie in the second only."""
-    m = tiny_model(0)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(20)
-    d = tmp_path_factory.mktemp("sharded") / "model"
-    save_model(m, d, shards=2)
+    d = confident_target(tmp_path_factory, "sharded", shards=2)
     index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     assert {f for n, f in index.items() if n.startswith("model.layers.3.")} == {"model-00002-of-00002.safetensors"}
     return d
@@ -269,12 +270,7 @@ def test_train_mtp_config_errors(target_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def fp8_target_dir(tmp_path_factory):
     """The confident tiny target as a block-FP8 checkpoint (the official converter's layout), in two shards."""
-    m = tiny_model(0)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(20)
-    d = tmp_path_factory.mktemp("fp8") / "model"
-    save_model(m, d, fp8=True, shards=2)
-    return d
+    return confident_target(tmp_path_factory, "fp8", fp8=True, shards=2)
 
 
 @pytest.mark.parametrize("kind", ["eagle3", "mtp"])
