@@ -25,6 +25,7 @@ Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +37,8 @@ from angelmed.infer.engine import (SlotCaches, gumbel_noise, process_logits, pro
                                    uniform_noise)
 from angelmed.infer.sampling import apply_repetition_penalty, argmax
 from angelmed.model import Experts, KVCache, Transformer, rope_cos_sin
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from angelmed.draft import DraftModel as Eagle3Model
@@ -386,6 +389,10 @@ class SpecState:
         self._round_compiled = self._propose_compiled = None
         if engine.compile:
             self._round_compiled = torch.compile(self._draft_and_verify, dynamic=None)
+            if engine._compiled_pays(1) and not engine._compiled_pays(1, self.k + 1):
+                log.warning("spec_tokens %d: a verify of %d tokens routes to more (token, expert) pairs than the "
+                            "compiled step handles on this model, so every round runs eager beside compiled plain "
+                            "steps (slower than no speculation: lower spec_tokens)", self.k, self.k + 1)
             if not getattr(engine.draft, "moe", True):  # a dense drafter's proposal pays compiled at any batch
                 self._propose_compiled = torch.compile(engine.draft.propose, dynamic=None)
 
