@@ -502,3 +502,50 @@ def test_long_prompts_prefill_in_chunks(model, monkeypatch):
         assert r.token_ids == greedy_ref(model, p, 6)
         want = whole.generate([GenerationRequest(p, max_tokens=6, stop_ids=[], logprobs=True)])[0]
         assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs)) < 1e-5
+
+
+def check_long_prompt_prefills_between_steps(model, make_engine, k: int = 0):
+    """A prompt of several chunks arrives while another request decodes: it prefills one chunk per engine step,
+    the other row gets its tokens at every step meanwhile, and both replies stay the greedy decode of their
+    prompts. Returns the engine."""
+    short, long = prompts(2, seed=41)
+    long = (long * 40)[:150]  # 10 chunks of 16
+    eng = make_engine()
+    got = {"a": [], "b": []}
+    a = eng.submit(GenerationRequest(short, max_tokens=60, stop_ids=[]), lambda d: got["a"].extend(d.token_ids))
+    eng.step()
+    b = eng.submit(GenerationRequest(long, max_tokens=8, stop_ids=[]), lambda d: got["b"].extend(d.token_ids))
+    for _ in range(9):  # nine steps: b's first nine chunks, and a decodes in each of them
+        before = len(got["a"])
+        eng.step()
+        assert not got["b"] and len(got["a"]) >= before + 1
+    eng.step()  # the last chunk: b samples its first token (and decodes with a in the same step)
+    assert got["b"]
+    while eng.has_work():
+        eng.step()
+    assert a.result().token_ids == greedy_ref(model, short, 60)
+    assert b.result().token_ids == greedy_ref(model, long, 8)
+    return eng
+
+
+def test_a_long_prompt_prefills_between_the_other_rows_steps(model):
+    check_long_prompt_prefills_between_steps(
+        model, lambda: Engine(model, max_batch=2, max_seq_len=256, max_prefill_tokens=16))
+
+
+def test_cancelling_a_request_while_it_prefills(model):
+    """Cancelled between two of its chunks, a long prompt ends as cancelled in the step its prefill ends (with at
+    most the token that prefill sampled); the slot is freed and the row that was decoding finishes as if alone."""
+    short, long = prompts(2, seed=42)
+    eng = Engine(model, max_batch=2, max_seq_len=256, max_prefill_tokens=16)
+    a = eng.submit(GenerationRequest(short, max_tokens=20, stop_ids=[]))
+    eng.step()
+    b = eng.submit(GenerationRequest((long * 40)[:100], max_tokens=8, stop_ids=[]))
+    eng.step()
+    eng.step()
+    eng.cancel(b.request_id)
+    while eng.has_work():
+        eng.step()
+    assert b.result().finish_reason == "cancelled" and len(b.result().token_ids) <= 1
+    assert a.result().token_ids == greedy_ref(model, short, 20)
+    assert eng.metrics.requests_cancelled == 1 and eng.metrics.active_slots == 0 and not eng._reserved

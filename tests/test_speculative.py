@@ -225,3 +225,16 @@ def test_compiled_engine_warns_when_its_rounds_cannot_compile(model, caplog):
         assert "runs eager" not in caplog.text
         Engine(model, max_batch=1, max_seq_len=64, draft=MTPDrafter(model), spec_tokens=fits + 1, compile=True)
     assert f"spec_tokens {fits + 1}" in caplog.text and "runs eager" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["mtp", "lm"])
+def test_a_long_prompt_prefills_between_speculative_rounds(model, kind):
+    """The same with speculation: the other row's rounds (which also run the idle prefilling row, writing its
+    first k+1 positions) do not disturb the prompt being prefilled, nor the drafter's entries for it."""
+    from test_engine import check_long_prompt_prefills_between_steps
+
+    make = lambda: Engine(model, max_batch=2, max_seq_len=256, max_prefill_tokens=16,  # noqa: E731
+                          draft=MTPDrafter(model) if kind == "mtp" else LMDrafter(model), spec_tokens=3)
+    eng = check_long_prompt_prefills_between_steps(model, make)
+    if kind == "lm":  # the target as its own draft: every draft passes unless a cache entry is wrong
+        assert sum(eng.spec.stats.accepted_hist[:-1]) == 0

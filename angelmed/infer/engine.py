@@ -404,6 +404,15 @@ def _decompose_cpu_gemv() -> None:
 
 # ---- per-slot host state -------------------------------------------------------------------------------
 @dataclass
+class _PrefillJob:
+    """A prefill of more than one chunk, run a chunk per engine step so that the live rows keep decoding between
+    them (one long prompt must not pause every other stream)."""
+    chunks: Iterator[bool]  # Engine._prefill: True after each chunk that has more to follow
+    handles: list[RequestHandle]
+    slots: set[int]  # its destination and prefix-source slots: no admission or compaction touches them meanwhile
+
+
+@dataclass
 class _Slot:
     handle: RequestHandle
     prompt_len: int
@@ -479,6 +488,8 @@ class Engine:
         self.cached_salt: list[str | None] = [None] * B  # the cache_salt of the request that left them
         self._freed_at = [0] * B  # engine step at which each slot was last freed (least recently used goes first)
         self._pending: deque[RequestHandle] = deque()
+        self._jobs: list[_PrefillJob] = []
+        self._reserved: set[int] = set()  # the slots of the prefill jobs in progress
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -534,7 +545,8 @@ class Engine:
         self._wake.set()
 
     def has_work(self) -> bool:
-        return bool(self._pending) or any(s is not None for s in self.slots) or bool(self._cancel)
+        return (bool(self._pending) or any(s is not None for s in self.slots) or bool(self._cancel)
+                or bool(self._jobs))
 
     def generate(self, requests: list[GenerationRequest]) -> list[Result]:
         """Blocking batch generation (rollouts, eval). Runs the steps itself unless the runner thread is on."""
@@ -620,6 +632,7 @@ class Engine:
         if not drain:
             with self._lock:
                 ids = [h.request_id for h in self._pending] + [s.request.request_id for s in self.slots if s]
+                ids += [h.request_id for job in self._jobs for h in job.handles]
             for rid in ids:
                 self.cancel(rid)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -650,6 +663,8 @@ class Engine:
                 self._finish(i, error=why)
         with self._lock:
             pending, self._pending = list(self._pending), deque()
+        pending += [h for job in self._jobs for h in job.handles]
+        self._jobs, self._reserved = [], set()
         for h in pending:
             self.metrics.requests_failed += 1
             h._emit(Delta(h.request_id, [], "", finish_reason="error", error=why))
@@ -659,7 +674,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         with self._step_lock:
-            self._apply_cancellations()
+            self._advance_prefills()
+            self._apply_cancellations()  # after: a request cancelled while it prefilled holds its slot by now
             self._admit()
             self._compact()
             if any(s is not None for s in self.slots):
@@ -676,6 +692,8 @@ class Engine:
             if not self._cancel:
                 return
             cancel, self._cancel = self._cancel, set()
+            # a request still prefilling is cancelled once it holds its slot (next step on)
+            self._cancel = cancel & {h.request_id for job in self._jobs for h in job.handles}
             keep = deque()
             for h in self._pending:
                 if h.request_id in cancel:
@@ -690,8 +708,14 @@ class Engine:
                 s.finish_reason = "cancelled"
                 self._finish(i)
 
+    def _advance_prefills(self) -> None:
+        for job in list(self._jobs):
+            if not next(job.chunks, False):  # its last chunk ran: the rows are live
+                self._jobs.remove(job)
+                self._reserved -= job.slots
+
     def _admit(self) -> None:
-        free = [i for i, s in enumerate(self.slots) if s is None]
+        free = [i for i, s in enumerate(self.slots) if s is None and i not in self._reserved]
         if not free:
             return
         batch: list[tuple[int, RequestHandle]] = []
@@ -712,7 +736,13 @@ class Engine:
                 reuse.append((src, r))
         for group in prefill_groups([len(h.request.prompt_ids) - r for (_, h), (_, r) in zip(batch, reuse)],
                                     [slot for slot, _ in batch], reuse):
-            self._prefill([batch[i] for i in group], [reuse[i] for i in group])
+            rows, sources = [batch[i] for i in group], [reuse[i] for i in group]
+            chunks = self._prefill(rows, sources)
+            if next(chunks, False):  # more chunks to go: one per step from now on
+                job = _PrefillJob(chunks, [h for _, h in rows],
+                                  {slot for slot, _ in rows} | {src for src, r in sources if r})
+                self._jobs.append(job)
+                self._reserved |= job.slots
 
     def _pick_slot(self, free: list[int], req: GenerationRequest, covered: int) -> tuple[int, int, int]:
         """(slot, source slot, prompt tokens whose K/V the source holds). The source is the free slot sharing the
@@ -737,7 +767,7 @@ class Engine:
         were free). The highest live rows trade places with the free ones below them; a free slot's cached prefix
         moves along, so prefix reuse loses nothing."""
         live = [i for i, s in enumerate(self.slots) if s is not None]
-        holes = [j for j in range(len(live)) if self.slots[j] is None]
+        holes = [j for j in range(len(live)) if self.slots[j] is None and j not in self._reserved]
         for j, i in zip(holes, reversed(live)):  # as many live rows past len(live) as holes before it
             self._swap_slots(i, j)
 
@@ -778,7 +808,8 @@ class Engine:
             self.seen_BV[row, torch.tensor(r.prompt_ids, device=dev)] = True
         return idx
 
-    def _prefill(self, batch: list[tuple[int, RequestHandle]], reuse_from: list[tuple[int, int]]) -> None:
+    def _prefill(self, batch: list[tuple[int, RequestHandle]], reuse_from: list[tuple[int, int]]) -> Iterator[bool]:
+        """Prefill the admitted rows (a generator: it yields True between prompt chunks, see `_PrefillJob`)."""
         slots = [i for i, _ in batch]
         reuse = [r for _, r in reuse_from]
         reqs = [h.request for _, h in batch]
@@ -813,9 +844,19 @@ class Engine:
                 self.kv.read_range(reuse_from[j][0], head, reuse[j] - back, tmp, u)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers
         keep = self.spec.feature_layers if self.spec is not None else ()
-        out = concat_outputs([self.model(ids[:, cols], pos_BT=pos[:, cols], caches=views, compute_logits=False,
-                                         keep_layers=keep)
-                              for cols, views in prompt_chunks(pos, tmp, self.max_prefill_tokens)])
+        outs = []
+        for cols, views in prompt_chunks(pos, tmp, self.max_prefill_tokens):
+            outs.append(self.model(ids[:, cols], pos_BT=pos[:, cols], caches=views, compute_logits=False,
+                                   keep_layers=keep))
+            if cols.stop is not None and cols.stop < pos.shape[1]:  # the live rows decode a step before the next
+                # that step also runs this idle row, which writes the first positions of its cache row (decode: 0,
+                # a speculative round: 0..k): keep what the chunks wrote there
+                held = [] if home is None else [(c.k[home, :, :head].clone(), c.v[home, :, :head].clone())
+                                                for c in self.kv.caches]
+                yield True
+                for c, (k0, v0) in zip(self.kv.caches, held):
+                    c.k[home, :, :head], c.v[home, :, :head] = k0, v0
+        out = concat_outputs(outs)
         uniq_t = torch.tensor(uniq_of, device=dev)
         last = torch.tensor([len(p) - 1 for p in run], device=dev)
         # only each row's last position is sampled: skip the lm_head (and a [m,T,V] fp32 tensor) elsewhere
