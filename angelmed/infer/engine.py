@@ -692,7 +692,7 @@ class Engine:
             if not self._cancel:
                 return
             cancel, self._cancel = self._cancel, set()
-            # a request still prefilling is cancelled once it holds its slot (next step on)
+            # a request still prefilling is cancelled in the step its prefill ends (it holds its slot then)
             self._cancel = cancel & {h.request_id for job in self._jobs for h in job.handles}
             keep = deque()
             for h in self._pending:
