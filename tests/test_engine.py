@@ -504,7 +504,7 @@ def test_long_prompts_prefill_in_chunks(model, monkeypatch):
         assert max(abs(x - y) for x, y in zip(r.logprobs, want.logprobs)) < 1e-5
 
 
-def check_long_prompt_prefills_between_steps(model, make_engine, k: int = 0):
+def check_long_prompt_prefills_between_steps(model, make_engine):
     """A prompt of several chunks arrives while another request decodes: it prefills one chunk per engine step,
     the other row gets its tokens at every step meanwhile, and both replies stay the greedy decode of their
     prompts. Returns the engine."""
