@@ -489,7 +489,6 @@ class Engine:
         self._freed_at = [0] * B  # engine step at which each slot was last freed (least recently used goes first)
         self._pending: deque[RequestHandle] = deque()
         self._jobs: list[_PrefillJob] = []
-        self._reserved: set[int] = set()  # the slots of the prefill jobs in progress
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -664,7 +663,7 @@ class Engine:
         with self._lock:
             pending, self._pending = list(self._pending), deque()
         pending += [h for job in self._jobs for h in job.handles]
-        self._jobs, self._reserved = [], set()
+        self._jobs = []
         for h in pending:
             self.metrics.requests_failed += 1
             h._emit(Delta(h.request_id, [], "", finish_reason="error", error=why))
@@ -708,14 +707,19 @@ class Engine:
                 s.finish_reason = "cancelled"
                 self._finish(i)
 
+    @property
+    def _reserved(self) -> set[int]:
+        """The slots of the prefill jobs in progress."""
+        return {slot for job in self._jobs for slot in job.slots}
+
     def _advance_prefills(self) -> None:
         for job in list(self._jobs):
             if not next(job.chunks, False):  # its last chunk ran: the rows are live
                 self._jobs.remove(job)
-                self._reserved -= job.slots
 
     def _admit(self) -> None:
-        free = [i for i, s in enumerate(self.slots) if s is None and i not in self._reserved]
+        reserved = self._reserved
+        free = [i for i, s in enumerate(self.slots) if s is None and i not in reserved]
         if not free:
             return
         batch: list[tuple[int, RequestHandle]] = []
@@ -739,10 +743,8 @@ class Engine:
             rows, sources = [batch[i] for i in group], [reuse[i] for i in group]
             chunks = self._prefill(rows, sources)
             if next(chunks, False):  # more chunks to go: one per step from now on
-                job = _PrefillJob(chunks, [h for _, h in rows],
-                                  {slot for slot, _ in rows} | {src for src, r in sources if r})
-                self._jobs.append(job)
-                self._reserved |= job.slots
+                self._jobs.append(_PrefillJob(chunks, [h for _, h in rows],
+                                              {slot for slot, _ in rows} | {src for src, r in sources if r}))
 
     def _pick_slot(self, free: list[int], req: GenerationRequest, covered: int) -> tuple[int, int, int]:
         """(slot, source slot, prompt tokens whose K/V the source holds). The source is the free slot sharing the
@@ -767,7 +769,8 @@ class Engine:
         were free). The highest live rows trade places with the free ones below them; a free slot's cached prefix
         moves along, so prefix reuse loses nothing."""
         live = [i for i, s in enumerate(self.slots) if s is not None]
-        holes = [j for j in range(len(live)) if self.slots[j] is None and j not in self._reserved]
+        reserved = self._reserved
+        holes = [j for j in range(len(live)) if self.slots[j] is None and j not in reserved]
         for j, i in zip(holes, reversed(live)):  # as many live rows past len(live) as holes before it
             self._swap_slots(i, j)
 
