@@ -549,3 +549,14 @@ def test_cancelling_a_request_while_it_prefills(model):
     assert b.result().finish_reason == "cancelled" and len(b.result().token_ids) <= 1
     assert a.result().token_ids == greedy_ref(model, short, 20)
     assert eng.metrics.requests_cancelled == 1 and eng.metrics.active_slots == 0 and not eng._reserved
+
+
+def test_routing_record_of_a_prompt_prefilled_in_chunks(model):
+    """The routing record (GRPO's replay) of a prompt prefilled in chunks equals the one-forward prefill's."""
+    p = (prompts(1, seed=43)[0] * 20)[:70]
+    got = [Engine(model, max_batch=1, max_seq_len=128, max_prefill_tokens=budget).generate(
+        [GenerationRequest(p, max_tokens=4, stop_ids=[], record_routing=True)])[0] for budget in (16, 8192)]
+    assert got[0].token_ids == got[1].token_ids
+    assert len(got[0].routing) == len(got[1].routing) > 0
+    for a, b in zip(got[0].routing, got[1].routing):
+        assert a.shape[0] == len(p) + 3 and torch.equal(a, b)

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Iterator, Protocol
 
 import torch
@@ -847,10 +847,12 @@ class Engine:
                 self.kv.read_range(reuse_from[j][0], head, reuse[j] - back, tmp, u)
         # [spec hook] an EAGLE-3 drafter reads intermediate target layers
         keep = self.spec.feature_layers if self.spec is not None else ()
+        record = any(r.record_routing for r in reqs)
         outs = []
         for cols, views in prompt_chunks(pos, tmp, self.max_prefill_tokens):
-            outs.append(self.model(ids[:, cols], pos_BT=pos[:, cols], caches=views, compute_logits=False,
-                                   keep_layers=keep))
+            o = self.model(ids[:, cols], pos_BT=pos[:, cols], caches=views, compute_logits=False, keep_layers=keep)
+            # router scores per layer are only read for a routing record: a long prompt's would add up to GBs
+            outs.append(o if record else replace(o, router=[]))
             if cols.stop is not None and cols.stop < pos.shape[1]:  # the live rows decode a step before the next
                 # that step also runs this idle row, which writes the first positions of its cache row (decode: 0,
                 # a speculative round: 0..k): keep what the chunks wrote there
@@ -899,7 +901,7 @@ class Engine:
                                      cached=max(reuse[j] - back - head, 0), draft_fed=lens[j])
             self.metrics.prompt_tokens += lens[j]
             self.metrics.prompt_tokens_cached += self.slots[slot].cached
-        if any(r.record_routing for r in reqs):  # [routing record] the prompt tokens
+        if record:  # [routing record] the prompt tokens
             ids_LmTk = _routing_to_host(out.routing, self.cfg.num_experts) if out.router else None
             for j, (slot, h) in enumerate(batch):
                 if h.request.record_routing:

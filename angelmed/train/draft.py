@@ -137,7 +137,9 @@ def validate(cfg: DraftRunConfig) -> None:
     need(t.dtype in ("float32", "bfloat16"), f"train.dtype: expected float32|bfloat16, got {t.dtype!r}")
     need(t.fp8 in ("dequant", "resident"), f"train.fp8: expected dequant|resident, got {t.fp8!r}")
     if t.fp8 == "resident":
-        qc = json.loads((Path(cfg.target) / "config.json").read_text()).get("quantization_config") or {}
+        from angelmed.config import ModelConfig
+
+        qc = ModelConfig.from_json(cfg.target).quantization_config or {}
         need(qc.get("quant_method") == "fp8", f"train.fp8 resident: the target {cfg.target} is not a block-FP8 "
                                               f"checkpoint (write one with `angelmed convert SRC DST --fp8`)")
     need(d.seq_len >= 8, f"data.seq_len must be >= 8, got {d.seq_len}")
