@@ -53,6 +53,30 @@ def test_bf16_cpu_experts_equal_per_token_loop(skewed, monkeypatch):
     torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dense_experts_on_amx_equal_per_token_loop(compiled, monkeypatch):
+    """bf16 on a CPU with AMX, past `gather_pays` and up to 16 tokens: every expert runs on every token and the
+    unrouted ones weigh 0; equal to the per-token loop within bf16 rounding, eager and inside a full graph."""
+    monkeypatch.setattr(M, "CPU_HAS_AMX", True)
+    torch.manual_seed(3)
+    e = Experts(8, 16, 24)
+    for p in e.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, idx, w = torch.randn(12, 16), torch.randint(0, 8, (12, 2)), torch.rand(12, 2)
+    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 7) % 8
+    want = naive_experts(e, x, idx, w)
+    torch.testing.assert_close(e._dense(x, idx, w), want, rtol=1e-5, atol=1e-5)  # fp32: the same sums
+    e = e.to(torch.bfloat16)
+    assert e.dense_pays(12, 2, x.device) and not e.dense_pays(17, 2, x.device) and not e.dense_pays(4, 2, x.device)
+    dense = []
+    run = e._dense
+    monkeypatch.setattr(e, "_dense", lambda *a: dense.append(1) or run(*a))
+    with torch.no_grad():
+        got = (torch.compile(e, fullgraph=True) if compiled else e)(x.bfloat16(), idx, w)
+    assert dense
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+
+
 def test_write_kv_into_a_cache_slice_bf16():
     """Each row's keys/values land at its own positions of a (non-contiguous) slice of the cache; nothing else
     changes."""
@@ -70,8 +94,8 @@ def test_write_kv_into_a_cache_slice_bf16():
 
 @pytest.mark.parametrize("tokens,dtype", [(3, torch.float32), (20, torch.float32), (20, torch.bfloat16)])
 def test_compiled_experts_equal_per_token_loop(tokens, dtype):
-    """Under torch.compile: few pairs take the in-place gather (fused multiply-reduce), many pairs the grouped GEMM
-    (inside the graph in bf16, an eager island in fp32); all equal the per-token loop."""
+    """Under torch.compile: few pairs take the in-place gather (fused multiply-reduce), many pairs the grouped path
+    (on CPU one opaque op, so the graph stays whole in either dtype); all equal the per-token loop."""
     torch.manual_seed(1)
     e = Experts(8, 16, 24)  # 16-byte aligned rows: the bf16 grouped GEMM stays inside the graph
     for p in e.parameters():
@@ -82,7 +106,7 @@ def test_compiled_experts_equal_per_token_loop(tokens, dtype):
     e, x = e.to(dtype), x.to(dtype)
     assert e.gather_pays(tokens * 2) == (tokens == 3)
     with torch.no_grad():
-        got = torch.compile(e, fullgraph=dtype == torch.bfloat16 or tokens == 3)(x, idx, w)
+        got = torch.compile(e, fullgraph=True)(x, idx, w)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 

@@ -945,23 +945,21 @@ class Engine:
         self.tok_B[:n] = nxt
         self.pos_B[:n] += active  # free rows stay at 0 (their writes land in an unused slot)
         self.counter_B[:n] += 1
-        self.seen_BV[:n].scatter_(1, nxt[:, None], True)
+        # index_put, not scatter_: inductor's CPU code for a bool scatter_ copies the whole [B, V] mask twice
+        # element by element (1.1 ms at 16 x 6,144, most of a compiled step's non-GEMM time)
+        self.seen_BV[torch.arange(n, device=nxt.device), nxt] = True
         if record:
             return nxt, lp, route_LBk
         return nxt, lp
 
     def _compiled_pays(self, n: int, tokens_per_row: int = 1) -> bool:
-        """Compiled MoE layers read each (token, expert) pair's weights in place while `gather_pays`, and use the
-        grouped GEMM past it, inside the graph on GPUs and in bf16 on CPU. On CPU the eager step is faster in fp32
-        past `gather_pays` (the graph breaks around the grouped GEMM) and in bf16 from 4 pairs per expert on, where
-        eager's padded batched GEMMs overtake inductor's grouped GEMM (measured, tok/s eager vs compiled: `small`
-        batch 8 1801 vs 1983, 16 3230 vs 2963; `base-100m` 16 482 vs 528, 32 816 vs 799)."""
+        """Compiled steps pay wherever the MoE layers stay inside the graph: always, except a grouped path that
+        breaks it (int8 experts past `gather_pays`), where the eager step is faster."""
         if self._decode_compiled is None:
             return False
         pairs = n * tokens_per_row * self.cfg.num_experts_per_tok
-        if self._experts is None or self._experts.gather_pays(pairs) or self.device.type == "cuda":
-            return True
-        return self._experts.grouped_in_graph(self.dtype, self.device) and pairs < 4 * self.cfg.num_experts
+        return (self._experts is None or self._experts.gather_pays(pairs)
+                or self._experts.grouped_in_graph(self.dtype, self.device))
 
     def _decode_step(self) -> None:
         n = self.active_prefix()

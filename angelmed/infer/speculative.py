@@ -87,7 +87,7 @@ class DraftModel(Protocol):
         """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n). q may be None when
         state.sample is False: greedy rounds compare tokens only."""
 
-    moe: bool  # has MoE layers (then compiled proposals pay only at small batch; see Engine._compiled_pays)
+    moe: bool  # has MoE layers (then its proposal compiles only inside a compiled round; see Engine._compiled_pays)
 
 
 def probs_from_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, filt: bool,
@@ -489,7 +489,7 @@ class SpecState:
         e.pos_B[:n] += (a + 1) * e.active_B[:n]
         e.counter_B[:n] += 1
         emitted = ar[None, :] <= a[:, None]
-        e.seen_BV[:n].scatter_(1, torch.where(emitted, toks, toks[rows, a][:, None]), True)
+        e.seen_BV[rows[:, None], torch.where(emitted, toks, toks[rows, a][:, None])] = True  # index_put: see engine
         self.ids_BL[:n] = toks
         self.hidden_BLD[:n] = self.features(out).to(self.hidden_BLD.dtype)
         self.len_B[:n] = a + 1
