@@ -18,14 +18,20 @@ def naive_experts(e: Experts, x, idx, w):
     return out
 
 
-@pytest.mark.parametrize("path", ["gathered", "grouped_mm", "loop"])
-def test_expert_paths_equal_per_token_loop(path, monkeypatch):
-    torch.manual_seed(0)
-    e = Experts(8, 16, 12)
+def random_experts(E: int, D: int, I: int, tokens: int, k: int = 2, seed: int = 0):
+    """Experts with weights ~N(0, 0.3) and a routing of `tokens` tokens to k distinct experts each."""
+    torch.manual_seed(seed)
+    e = Experts(E, D, I)
     for p in e.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x, idx, w = torch.randn(20, 16), torch.randint(0, 8, (20, 2)), torch.rand(20, 2)
-    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 7) % 8  # distinct experts per token
+    x, idx, w = torch.randn(tokens, D), torch.randint(0, E, (tokens, k)), torch.rand(tokens, k)
+    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % (E - 1)) % E  # distinct experts per token
+    return e, x, idx, w
+
+
+@pytest.mark.parametrize("path", ["gathered", "grouped_mm", "loop"])
+def test_expert_paths_equal_per_token_loop(path, monkeypatch):
+    e, x, idx, w = random_experts(8, 16, 12, tokens=20, seed=0)
     if path == "loop":
         monkeypatch.setattr(M, "_use_grouped_mm", lambda *a: False)
     got = e._gathered(x, idx, w) if path == "gathered" else e._grouped(x, idx, w)
@@ -36,12 +42,7 @@ def test_expert_paths_equal_per_token_loop(path, monkeypatch):
 def test_bf16_cpu_experts_equal_per_token_loop(skewed, monkeypatch):
     """bf16 on CPU: experts run as three padded batched GEMMs; routing so skewed that padding would pass 4x the
     rows runs the per-expert loop instead. Both equal the per-token loop (fp32) within bf16 rounding."""
-    torch.manual_seed(2)
-    e = Experts(16, 16, 24)
-    for p in e.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x, idx, w = torch.randn(20, 16), torch.randint(0, 16, (20, 2)), torch.rand(20, 2)
-    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 15) % 16
+    e, x, idx, w = random_experts(16, 16, 24, tokens=20, seed=2)
     if skewed:  # expert 0 takes every token: 16 experts x 20 rows = 8x the 40 pairs
         idx[:, 0], idx[:, 1] = 0, 1 + idx[:, 1] % 15
     want = naive_experts(e, x, idx, w)
@@ -58,12 +59,7 @@ def test_dense_experts_on_amx_equal_per_token_loop(compiled, monkeypatch):
     """bf16 on a CPU with AMX, past `gather_pays` and up to 16 tokens: every expert runs on every token and the
     unrouted ones weigh 0; equal to the per-token loop within bf16 rounding, eager and inside a full graph."""
     monkeypatch.setattr(M, "CPU_HAS_AMX", True)
-    torch.manual_seed(3)
-    e = Experts(8, 16, 24)
-    for p in e.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x, idx, w = torch.randn(12, 16), torch.randint(0, 8, (12, 2)), torch.rand(12, 2)
-    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 7) % 8
+    e, x, idx, w = random_experts(8, 16, 24, tokens=12, seed=3)
     want = naive_experts(e, x, idx, w)
     torch.testing.assert_close(e._dense(x, idx, w), want, rtol=1e-5, atol=1e-5)  # fp32: the same sums
     e = e.to(torch.bfloat16)
@@ -96,12 +92,7 @@ def test_write_kv_into_a_cache_slice_bf16():
 def test_compiled_experts_equal_per_token_loop(tokens, dtype):
     """Under torch.compile: few pairs take the in-place gather (fused multiply-reduce), many pairs the grouped path
     (on CPU one opaque op, so the graph stays whole in either dtype); all equal the per-token loop."""
-    torch.manual_seed(1)
-    e = Experts(8, 16, 24)  # 16-byte aligned rows: the bf16 grouped GEMM stays inside the graph
-    for p in e.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x, idx, w = torch.randn(tokens, 16), torch.randint(0, 8, (tokens, 2)), torch.rand(tokens, 2)
-    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 7) % 8
+    e, x, idx, w = random_experts(8, 16, 24, tokens=tokens, seed=1)
     want = naive_experts(e, x, idx, w)
     e, x = e.to(dtype), x.to(dtype)
     assert e.gather_pays(tokens * 2) == (tokens == 3)
