@@ -238,14 +238,7 @@ class Experts(nn.Module):
             return self._gathered(x_TD, idx_Tk, w_Tk)
         if self.dense_pays(T, k, x_TD.device):
             return self._dense(x_TD, idx_Tk, w_Tk)
-        if torch.compiler.is_compiling() and not self.grouped_in_graph(x_TD.dtype, x_TD.device):
-            return self._grouped_eager(x_TD, idx_Tk, w_Tk)  # an eager island: a graph break around it (int8)
         return self._grouped(x_TD, idx_Tk, w_Tk)
-
-    def grouped_in_graph(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether the grouped path stays inside a compiled graph (torch._grouped_mm on GPUs, one opaque op on
-        CPUs), or breaks it (a subclass whose grouped path cannot)."""
-        return True
 
     def gather_pays(self, pairs: int) -> bool:
         """Reading weights per (token, expert) pair beats a grouped GEMM while pairs <= experts (measured on CPU:
@@ -285,13 +278,15 @@ class Experts(nn.Module):
         return (y_TkD.float() * w_Tk[..., None]).sum(1)
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
-        if torch.compiler.is_compiling() and x_TD.device.type == "cpu" and not torch.is_grad_enabled():
-            # one opaque op (inference: it has no backward): the graph stays whole around the host sync for the
-            # expert counts inside it, and runs the eager kernels, faster than inductor's CPU grouped GEMM
-            return torch.ops.angelmed.grouped_experts(x_TD, idx_Tk, w_Tk, self.gate_proj, self.up_proj, self.down_proj)
-        return grouped_experts(x_TD, idx_Tk, w_Tk, self.gate_proj, self.up_proj, self.down_proj)
+        args = (x_TD, idx_Tk, w_Tk, self.gate_proj, self.up_proj, self.down_proj)
+        return torch.ops.angelmed.grouped_experts(*args) if opaque_in_graph(x_TD) else grouped_experts(*args)
 
-    _grouped_eager = torch.compiler.disable(_grouped)
+
+def opaque_in_graph(x: Tensor) -> bool:
+    """Whether a grouped expert path runs as one opaque custom op: inside a compiled CPU inference graph. The graph
+    then stays whole around the host sync for the expert counts, and the op runs the eager kernels (faster than
+    inductor's CPU grouped GEMM, a loop of per-expert matmuls). The ops have no backward, hence inference only."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor, up_EID: Tensor,
@@ -320,7 +315,7 @@ def _grouped_experts_op(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Te
 
 
 @_grouped_experts_op.register_fake
-def _(x_TD, idx_Tk, w_Tk, gate_EID, up_EID, down_EDI):
+def _(x_TD, *rest):
     return x_TD.new_empty(x_TD.shape, dtype=torch.float32)
 
 

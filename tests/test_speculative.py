@@ -213,26 +213,6 @@ def test_drafters_absorb_long_prompts_in_chunks(model, kind):
         assert sum(hists[0][:-1]) == 0
 
 
-def test_compiled_engine_warns_when_its_rounds_cannot_compile(model, caplog):
-    """With compile, int8 experts past `gather_pays` break the graph, so a verify routing more (token, expert) pairs
-    than that runs every round eager, slower than compiled plain decoding: the engine says so when it is built, and
-    only then. Full-precision experts stay in the graph at any count."""
-    import copy
-    import logging
-
-    from angelmed.infer.int8 import quantize_int8_
-
-    E, top_k = model.config.num_experts, model.config.num_experts_per_tok
-    fits = E // top_k - 1  # (k + 1) * top_k pairs per row at batch 1
-    int8 = quantize_int8_(copy.deepcopy(model))
-    with caplog.at_level(logging.WARNING, logger="angelmed.infer.speculative"):
-        Engine(model, max_batch=1, max_seq_len=64, draft=MTPDrafter(model), spec_tokens=fits + 1, compile=True)
-        Engine(int8, max_batch=1, max_seq_len=64, draft=MTPDrafter(int8), spec_tokens=fits, compile=True)
-        assert "runs eager" not in caplog.text
-        Engine(int8, max_batch=1, max_seq_len=64, draft=MTPDrafter(int8), spec_tokens=fits + 1, compile=True)
-    assert f"spec_tokens {fits + 1}" in caplog.text and "runs eager" in caplog.text
-
-
 @pytest.mark.parametrize("kind", ["mtp", "lm"])
 def test_a_long_prompt_prefills_between_speculative_rounds(model, kind):
     """The same with speculation: the other row's rounds (which also run the idle prefilling row, writing its

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from angelmed.infer.sampling import apply_repetition_penalty, argmax, filter_logits
-from angelmed.model import Experts, ModelOutput, RouterInfo, Transformer, write_kv
+from angelmed.model import ModelOutput, RouterInfo, Transformer, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +498,6 @@ class Engine:
         self._step_lock = threading.Lock()
         self.metrics = EngineMetrics(max_batch=max_batch)
         self.compile = compile
-        self._experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
         self._decode_compiled = None
         if compile:
             # one graph per combination of sampling flags (rows and cache length go dynamic): allow them all
@@ -952,22 +951,13 @@ class Engine:
             return nxt, lp, route_LBk
         return nxt, lp
 
-    def _compiled_pays(self, n: int, tokens_per_row: int = 1) -> bool:
-        """Compiled steps pay wherever the MoE layers stay inside the graph: always, except a grouped path that
-        breaks it (int8 experts past `gather_pays`), where the eager step is faster."""
-        if self._decode_compiled is None:
-            return False
-        pairs = n * tokens_per_row * self.cfg.num_experts_per_tok
-        return (self._experts is None or self._experts.gather_pays(pairs)
-                or self._experts.grouped_in_graph(self.dtype, self.device))
-
     def _decode_step(self) -> None:
         n = self.active_prefix()
         sample, filt, penalty, want_lp = self._flags(n)
         record = any(s is not None and s.routing is not None for s in self.slots[:n])  # [routing record]
         top_n = max((s.request.top_logprobs for s in self.slots[:n] if s is not None), default=0)
         caches = self.kv.view(n, self.attn_len(n))
-        decode = self._decode_compiled if self._compiled_pays(n) else self._decode_fn
+        decode = self._decode_compiled or self._decode_fn
         if record:
             nxt, lp, route_LBk = decode(caches, n, sample, filt, penalty, want_lp, True, top_n)
             if route_LBk is not None:  # the token each slot processed was accepted at the previous step

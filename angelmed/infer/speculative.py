@@ -18,14 +18,12 @@ the outputs of three target layers, which the target's own prefill and verify fo
 them with a `feature_layers` attribute and turns them into its hidden input with `fuse`).
 
 With `Engine(compile=True)` a whole round (drafts, verify forward, acceptance, state updates) runs as one compiled
-graph with no host sync inside, chosen per round like the engine's decode step (`Engine._compiled_pays`); past
-that, a dense drafter's proposal is still compiled.
+graph.
 Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,9 +34,8 @@ from torch import Tensor
 from angelmed.infer.engine import (SlotCaches, gumbel_noise, process_logits, prompt_chunks, token_logprobs,
                                    uniform_noise)
 from angelmed.infer.sampling import apply_repetition_penalty, argmax
-from angelmed.model import Experts, KVCache, Transformer, rope_cos_sin
+from angelmed.model import KVCache, Transformer, rope_cos_sin
 
-log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from angelmed.draft import DraftModel as Eagle3Model
@@ -86,8 +83,6 @@ class DraftModel(Protocol):
     def propose(self, state: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
         """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n). q may be None when
         state.sample is False: greedy rounds compare tokens only."""
-
-    moe: bool  # has MoE layers (then its proposal compiles only inside a compiled round; see Engine._compiled_pays)
 
 
 def probs_from_logits(logits_BV: Tensor, temp_B: Tensor, topk_B: Tensor, topp_B: Tensor, filt: bool,
@@ -226,8 +221,6 @@ class MTPDrafter(HiddenStateDrafter):
     the same shape whose MTP layer was trained on the target's hidden states). Keeps its own KV cache.
     vocab_map: score only these target ids (sorted; e.g. a checkpoint's `mtp_draft_vocab.json`: `for_checkpoint`)."""
 
-    moe = True  # the MTP layer's FFN is always MoE
-
     def __init__(self, model: Transformer, depth: int = 0, vocab_map: Tensor | None = None):
         if model.config.num_nextn_predict_layers <= depth:
             raise ValueError(f"draft model has {model.config.num_nextn_predict_layers} MTP layer(s); "
@@ -272,7 +265,6 @@ class LMDrafter:
     def __init__(self, model: Transformer):
         self.model = model.eval()
         self.kv: SlotCaches | None = None
-        self.moe = any(isinstance(m, Experts) for m in model.modules())
 
     def allocate(self, max_batch: int, max_len: int) -> None:
         self.kv = SlotCaches(self.model.make_caches(max_batch, max_len + 1), max_len + 1)
@@ -309,8 +301,6 @@ class Eagle3Drafter(HiddenStateDrafter):
     decoder layer takes the fused low/middle/high target features at t and the target's embedding of token t+1,
     and scores the next token with (a vocabulary subset of) the target's frozen lm_head. Further drafts feed the
     layer's own output back (chain drafting). Keeps its own one-layer KV cache."""
-
-    moe = False  # one dense decoder layer
 
     def __init__(self, target: Transformer, draft: "Eagle3Model"):
         dc = draft.draft_config
@@ -386,15 +376,7 @@ class SpecState:
         L = engine.cfg.num_hidden_layers
         if not all(0 <= i < L for i in self.feature_layers):
             raise ValueError(f"draft feature layers {list(self.feature_layers)} must lie in [0, {L})")
-        self._round_compiled = self._propose_compiled = None
-        if engine.compile:
-            self._round_compiled = torch.compile(self._draft_and_verify, dynamic=None)
-            if engine._compiled_pays(1) and not engine._compiled_pays(1, self.k + 1):
-                log.warning("spec_tokens %d: a verify of %d tokens routes to more (token, expert) pairs than the "
-                            "compiled step handles on this model, so every round runs eager beside compiled plain "
-                            "steps (slower than no speculation: lower spec_tokens)", self.k, self.k + 1)
-            if not getattr(engine.draft, "moe", True):  # a dense drafter's proposal pays compiled at any batch
-                self._propose_compiled = torch.compile(engine.draft.propose, dynamic=None)
+        self._round_compiled = torch.compile(self._draft_and_verify, dynamic=None) if engine.compile else None
 
     def reset_stats(self) -> None:
         self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
@@ -429,10 +411,10 @@ class SpecState:
         caches = e.kv.view(n, S)
         if isinstance(e.draft, HiddenStateDrafter):  # views made outside compiled graphs (inside: 2x the graphs)
             e.draft.kv.view(n, S)
-        if self._round_compiled is not None and e._compiled_pays(n, k + 1):  # drafts and verify: one graph
+        if self._round_compiled is not None:  # drafts and verify: one graph
             host = self._round_compiled(st, caches, sample, filt, penalty, want_lp)
         else:
-            drafts, q = (self._propose_compiled or e.draft.propose)(st, k)
+            drafts, q = e.draft.propose(st, k)
             host = self._verify(caches, n, drafts, q, sample, filt, penalty, want_lp)
         host = host.cpu()  # the round's one host copy
         tok_h = host[:, :k + 1].long().tolist()
