@@ -13,6 +13,7 @@ E experts, k experts per token, I intermediate, V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -278,17 +279,28 @@ class Experts(nn.Module):
         return (y_TkD.float() * w_Tk[..., None]).sum(1)
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
-        args = (x_TD, idx_Tk, w_Tk, self.gate_proj, self.up_proj, self.down_proj)
-        return torch.ops.angelmed.grouped_experts(*args) if opaque_in_graph(x_TD) else grouped_experts(*args)
+        return grouped_experts(x_TD, idx_Tk, w_Tk, self.gate_proj, self.up_proj, self.down_proj)
 
 
-def opaque_in_graph(x: Tensor) -> bool:
-    """Whether a grouped expert path runs as one opaque custom op: inside a compiled CPU inference graph. The graph
-    then stays whole around the host sync for the expert counts, and the op runs the eager kernels (faster than
-    inductor's CPU grouped GEMM, a loop of per-expert matmuls). The ops have no backward, hence inference only."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled()
+def opaque_in_compiled_graphs(name: str):
+    """Decorator for a grouped expert path fn(x_TD, ...) -> y_TD (fp32): registers it as custom op `name`, and calls
+    that op inside compiled CPU inference graphs, fn itself elsewhere. As one opaque op the graph stays whole around
+    fn's host sync for the expert counts, and fn runs the eager kernels (faster than inductor's CPU grouped GEMM, a
+    loop of per-expert matmuls). The op has no backward, hence inference only."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(lambda x_TD, *rest: x_TD.new_empty(x_TD.shape, dtype=torch.float32))
+
+        @functools.wraps(fn)
+        def call(x_TD: Tensor, *rest: Tensor) -> Tensor:
+            if torch.compiler.is_compiling() and x_TD.device.type == "cpu" and not torch.is_grad_enabled():
+                return op(x_TD, *rest)
+            return fn(x_TD, *rest)
+        return call
+    return wrap
 
 
+@opaque_in_compiled_graphs("angelmed::grouped_experts")
 def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor, up_EID: Tensor,
                     down_EDI: Tensor) -> Tensor:
     """The routed experts' weighted output (fp32) with the (token, expert) pairs grouped by expert."""
@@ -306,17 +318,6 @@ def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor
     else:
         ffn = swiglu_loop(gate_EID, up_EID, down_EDI)
     return sorted_by_expert(x_TD, idx_Tk, w_Tk, gate_EID.shape[0], ffn)
-
-
-@torch.library.custom_op("angelmed::grouped_experts", mutates_args=())
-def _grouped_experts_op(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor, up_EID: Tensor,
-                        down_EDI: Tensor) -> Tensor:
-    return grouped_experts(x_TD, idx_Tk, w_Tk, gate_EID, up_EID, down_EDI)
-
-
-@_grouped_experts_op.register_fake
-def _(x_TD, *rest):
-    return x_TD.new_empty(x_TD.shape, dtype=torch.float32)
 
 
 def sorted_by_expert(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, num_experts: int, ffn) -> Tensor:

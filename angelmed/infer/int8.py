@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from angelmed.model import Experts, Transformer, expert_loop, opaque_in_graph, rope_parameters, sorted_by_expert
+from angelmed.model import (Experts, Transformer, expert_loop, opaque_in_compiled_graphs, rope_parameters,
+                            sorted_by_expert)
 
 QMAX = 127
 
@@ -99,8 +100,7 @@ class Int8Experts(Experts):
         return (y_TkD * w_Tk[..., None]).sum(1)
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
-        args = (x_TD, idx_Tk, w_Tk, *(getattr(self, n) for n in _EXPERT_TENSORS))
-        return torch.ops.angelmed.int8_grouped_experts(*args) if opaque_in_graph(x_TD) else int8_grouped_experts(*args)
+        return int8_grouped_experts(x_TD, idx_Tk, w_Tk, *(getattr(self, n) for n in _EXPERT_TENSORS))
 
     def extra_repr(self) -> str:
         E, I, D = self.gate_proj.shape
@@ -110,6 +110,7 @@ class Int8Experts(Experts):
 _EXPERT_TENSORS = ("gate_proj", "gate_proj_scale", "up_proj", "up_proj_scale", "down_proj", "down_proj_scale")
 
 
+@opaque_in_compiled_graphs("angelmed::int8_grouped_experts")
 def int8_grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_q: Tensor, gate_s: Tensor, up_q: Tensor,
                          up_s: Tensor, down_q: Tensor, down_s: Tensor) -> Tensor:
     """`model.grouped_experts` for int8 experts: the pairs grouped by expert, one int8 matmul per weight and expert."""
@@ -118,17 +119,6 @@ def int8_grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_q: Ten
         return _int8_mm(h, down_q[e], down_s[e].to(xs.dtype))
 
     return sorted_by_expert(x_TD, idx_Tk, w_Tk, gate_q.shape[0], expert_loop(ffn_e))
-
-
-@torch.library.custom_op("angelmed::int8_grouped_experts", mutates_args=())
-def _int8_grouped_experts_op(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_q: Tensor, gate_s: Tensor,
-                             up_q: Tensor, up_s: Tensor, down_q: Tensor, down_s: Tensor) -> Tensor:
-    return int8_grouped_experts(x_TD, idx_Tk, w_Tk, gate_q, gate_s, up_q, up_s, down_q, down_s)
-
-
-@_int8_grouped_experts_op.register_fake
-def _(x_TD, *rest):
-    return x_TD.new_empty(x_TD.shape, dtype=torch.float32)
 
 
 @torch.no_grad()
