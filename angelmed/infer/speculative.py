@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from angelmed.infer.engine import (SlotCaches, gumbel_noise, process_logits, prompt_chunks, token_logprobs,
-                                   uniform_noise)
+from angelmed.infer.engine import (SlotCaches, compile_step, gumbel_noise, process_logits, prompt_chunks,
+                                   token_logprobs, uniform_noise)
 from angelmed.infer.sampling import apply_repetition_penalty, argmax
 from angelmed.model import KVCache, Transformer, rope_cos_sin
 
@@ -376,7 +376,7 @@ class SpecState:
         L = engine.cfg.num_hidden_layers
         if not all(0 <= i < L for i in self.feature_layers):
             raise ValueError(f"draft feature layers {list(self.feature_layers)} must lie in [0, {L})")
-        self._round_compiled = torch.compile(self._draft_and_verify, dynamic=None) if engine.compile else None
+        self._round_compiled = compile_step(self._draft_and_verify, engine.device) if engine.compile else None
 
     def reset_stats(self) -> None:
         self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
