@@ -7,8 +7,8 @@ of the bandwidth ceiling (batch x bandwidth / bytes that one decode step must re
 
     python benchmarks/bench_decode.py [--presets small base-100m] [--batches 1 16] [--new-tokens 32]
 
-The engine runs eager and with `compile=True` (the decode step as one inductor graph; in fp32 only while the
-step's (token, expert) pairs are at most the experts, eager past that). A step streams the weights it touches from
+The engine runs eager and with `compile=True` (the decode step as one inductor graph, launched from a C++
+wrapper). Both sides' timings include the prompt's prefill. A step streams the weights it touches from
 memory: the active ones at batch 1, nearly every expert at batch 16. No engine can beat that ceiling, so a
 speed-up over transformers is bounded by ceiling / transformers' tok/s, which this script prints.
 
