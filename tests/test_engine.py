@@ -326,6 +326,23 @@ def test_compiled_decode_step_matches_eager(model):
     assert got[1] == Engine(model, max_batch=2, max_seq_len=96).generate(reqs())[1].token_ids
 
 
+
+def test_compiled_step_returns_the_eager_logprobs_and_routing(model):
+    """The compiled step's extras equal the eager step's: each token's log-prob and top alternatives, repetition
+    penalties, and the expert ids that GRPO's routing replay records (graphs the greedy test never builds)."""
+    ps = prompts(2, seed=4)
+    reqs = lambda: [GenerationRequest(ps[0], max_tokens=6, stop_ids=[], logprobs=True, top_logprobs=3,  # noqa: E731
+                                      repetition_penalty=1.3, record_routing=True),
+                    GenerationRequest(ps[1], max_tokens=6, stop_ids=[], temperature=0.8, top_k=5, seed=3,
+                                      repetition_penalty=1.1)]
+    got = Engine(model, max_batch=2, max_seq_len=64, compile=True).generate(reqs())
+    want = Engine(model, max_batch=2, max_seq_len=64).generate(reqs())
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert got[0].logprobs == pytest.approx(want[0].logprobs, abs=1e-5)
+    assert [[t for t, _ in top] for top in got[0].top_logprobs] == [[t for t, _ in top] for top in want[0].top_logprobs]
+    assert len(got[0].routing) == len(want[0].routing) > 0
+    assert all(torch.equal(a, b) for a, b in zip(got[0].routing, want[0].routing))
+
 def test_fp8_fixture_through_the_engine_with_resident_fp8_weights(fixtures_dir):
     """The FP8 checkpoint served with its weights kept in FP8 (the mode for one 141 GB GPU) gives the fixture tokens."""
     from angelmed.infer.quant import FP8Linear, load_fp8
