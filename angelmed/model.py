@@ -26,6 +26,11 @@ from angelmed.config import ModelConfig
 
 # read once here: torch.compile cannot trace the probe (a graph break wherever it is called)
 CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+# fp32 on CPU, past E (token, expert) pairs: the in-place gather still beats the grouped path while the pairs'
+# weights total at most this. Measured compiled, one layer: `small` (295 KB experts) at 16 tokens (18.9 MB): gather
+# 459 us, grouped 629; base-100m (1.5 MB experts) at 8 tokens (48 MB): gather 1,822 us, grouped 1,518. Decode at
+# batch 16 on `small`: 3.6 -> 3.05 ms a step.
+CPU_GATHER_BYTES = 24 << 20
 
 
 # ---- norms, rotary -----------------------------------------------------------------------------
@@ -232,30 +237,36 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor) -> Tensor:
         T, k = idx_Tk.shape
+        if self.dense_pays(T, k, x_TD.device):
+            return self._dense(x_TD, idx_Tk, w_Tk)
         # Few (token, expert) pairs (decode): read each pair's weights where they lie, no sort, no host sync.
         # Compiled, inductor fuses the gather into the reduction; eager on CPU the gathered copy costs more
         # than a host sync (measured), so eager CPU takes the grouped path.
-        if self.gather_pays(T * k) and (x_TD.is_cuda or torch.compiler.is_compiling()):
+        if self.gather_pays(T * k, x_TD.device) and (x_TD.is_cuda or torch.compiler.is_compiling()):
             return self._gathered(x_TD, idx_Tk, w_Tk)
-        if self.dense_pays(T, k, x_TD.device):
-            return self._dense(x_TD, idx_Tk, w_Tk)
         return self._grouped(x_TD, idx_Tk, w_Tk)
 
-    def gather_pays(self, pairs: int) -> bool:
-        """Reading weights per (token, expert) pair beats a grouped GEMM while pairs <= experts (measured on CPU:
-        compiled decode 1.2-2.2x faster up to there, slower past it, where pairs re-read shared experts)."""
-        return pairs <= self.gate_proj.shape[0]
+    def gather_pays(self, pairs: int, device: torch.device) -> bool:
+        """Whether reading weights per (token, expert) pair beats a grouped GEMM: while pairs <= experts (measured
+        on CPU: compiled decode 1.2-2.2x faster up to there), and for fp32 on CPU also while the pairs' weights total
+        at most CPU_GATHER_BYTES. Past the experts, pairs re-read shared experts; the grouped path reads each once
+        but has fixed costs (a sort, a host sync, and in fp32 three GEMM calls per expert) that small experts never
+        earn back. (bf16 on CPU groups with three batched GEMMs, or runs dense on AMX: no such cost.)"""
+        E, hidden, dim = self.gate_proj.shape
+        expert_bytes = 3 * hidden * dim * self.gate_proj.element_size()
+        return pairs <= E or (device.type == "cpu" and self.gate_proj.dtype == torch.float32
+                              and pairs * expert_bytes <= CPU_GATHER_BYTES)
 
     def dense_pays(self, tokens: int, k: int, device: torch.device) -> bool:
         """Whether computing every expert for every token beats routing the pairs: on a CPU with AMX, for bf16
-        weights, from past `gather_pays` up to 16 tokens. An AMX tile multiplies 16 rows at once, so an expert's rows
-        cost one tile pass however few are routed to it, and the dense GEMMs need no sort, scatter or host sync
-        (they stay inside a compiled graph). Past `gather_pays` each expert receives a token with probability
+        weights, from past E (token, expert) pairs up to 16 tokens. An AMX tile multiplies 16 rows at once, so an expert's
+        rows cost one tile pass however few are routed to it, and the dense GEMMs need no sort, scatter or host sync
+        (they stay inside a compiled graph). Past E pairs each expert receives a token with probability
         1-(1-k/E)^T >= 63%, so at most 1.6x the weights are read. Measured on `small`, batch 16: compiled 4,090 ->
-        6,000 tok/s, eager 3,470 -> 3,560. In fp32 the E/k-times larger GEMMs cost more than they save
-        (base-100m, batch 16: 0.75x)."""
+        6,000 tok/s, eager 3,470 -> 3,560 (and 383 us a layer against the in-place gather's 410). In fp32 the
+        E/k-times larger GEMMs cost more than they save (base-100m, batch 16: 0.75x)."""
         return (device.type == "cpu" and self.gate_proj.dtype == torch.bfloat16 and tokens <= 16
-                and not self.gather_pays(tokens * k) and CPU_HAS_AMX)
+                and tokens * k > self.gate_proj.shape[0] and CPU_HAS_AMX)
 
     def _dense(self, x_TD, idx_Tk, w_Tk):
         E = self.gate_proj.shape[0]

@@ -89,18 +89,37 @@ def test_write_kv_into_a_cache_slice_bf16():
 
 
 @pytest.mark.parametrize("tokens,dtype", [(3, torch.float32), (20, torch.float32), (20, torch.bfloat16)])
-def test_compiled_experts_equal_per_token_loop(tokens, dtype):
+def test_compiled_experts_equal_per_token_loop(tokens, dtype, monkeypatch):
     """Under torch.compile: few pairs take the in-place gather (fused multiply-reduce), many pairs the grouped path
     (on CPU one opaque op, so the graph stays whole in either dtype); all equal the per-token loop."""
+    monkeypatch.setattr(M, "CPU_GATHER_BYTES", 0)  # these experts are tiny: fp32 would gather at any count
     e, x, idx, w = random_experts(8, 16, 24, tokens=tokens, seed=1)
     want = naive_experts(e, x, idx, w)
     e, x = e.to(dtype), x.to(dtype)
-    assert e.gather_pays(tokens * 2) == (tokens == 3)
+    assert e.gather_pays(tokens * 2, x.device) == (tokens == 3)
     with torch.no_grad():
         got = torch.compile(e, fullgraph=True)(x, idx, w)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
+
+
+def test_small_fp32_experts_gather_past_the_expert_count(monkeypatch):
+    """fp32 on CPU: past E pairs the compiled layer still reads the pairs' weights in place while they total at most
+    CPU_GATHER_BYTES (here 40 pairs of 8 experts, 184 KB), and equals the per-token loop; bf16 does not."""
+    e, x, idx, w = random_experts(8, 16, 24, tokens=20, seed=2)
+    want = naive_experts(e, x, idx, w)
+    assert e.gather_pays(40, x.device)
+    assert not random_experts(8, 16, 24, tokens=20)[0].to(torch.bfloat16).gather_pays(40, x.device)
+    monkeypatch.setattr(M, "CPU_GATHER_BYTES", 40 * 3 * 16 * 24 * 4 - 1)
+    assert not e.gather_pays(40, x.device)
+    monkeypatch.setattr(M, "CPU_GATHER_BYTES", 40 * 3 * 16 * 24 * 4)
+    gathered, run = [], e._gathered
+    monkeypatch.setattr(e, "_gathered", lambda *a: gathered.append(1) or run(*a))
+    with torch.no_grad():
+        got = torch.compile(e, fullgraph=True)(x, idx, w)
+    assert gathered
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 def test_packed_segments_equal_separate_sequences():
     model = Transformer(get_preset("tiny")).init_weights(3).eval()
