@@ -9,8 +9,10 @@ of the bandwidth ceiling (batch x bandwidth / bytes that one decode step must re
 
 The engine runs eager and with `compile=True` (the decode step as one inductor graph, launched from a C++
 wrapper). Both sides' timings include the prompt's prefill. A step streams the weights it touches from
-memory: the active ones at batch 1, nearly every expert at batch 16. No engine can beat that ceiling, so a
-speed-up over transformers is bounded by ceiling / transformers' tok/s, which this script prints.
+memory: the active ones at batch 1, nearly every expert at batch 16. At the measured copy bandwidth that gives a
+ceiling, and ceiling / transformers' tok/s bounds the speed-up over transformers; the script prints both. The
+ceiling is soft where a model's weights partly stay in cache between steps (base-100m in fp32, 103 MB, has decoded
+at 106% of it on a CPU with a 480 MB L3).
 
 Last line: one JSON object with every number.
 """
@@ -122,8 +124,8 @@ def main() -> None:
                    "logits_max_diff": diff}
             line = (f"[{preset}] batch {B:>2}: engine {ours:8.1f} tok/s (x{ours / theirs:.2f}) | compiled "
                     f"{compiled:8.1f} tok/s (x{compiled / theirs:.2f}) | transformers generate {theirs:8.1f} tok/s")
-            # no engine decodes faster than its steps' bytes stream from memory: the ceiling also bounds the
-            # speed-up over transformers (at batch 16 nearly every expert is read each step, by both)
+            # no engine decodes faster than its steps' bytes stream from memory (less what stays in cache): the
+            # ceiling also bounds the speed-up over transformers (at batch 16 nearly every expert is read each step)
             need = decode_bytes_per_step(cfg, args.prompt_len + args.new_tokens // 2, B, dtype.itemsize)
             ceiling = B * bw * 1e9 / need
             row.update(bytes_per_step=round(need), ceiling_tok_s=round(ceiling, 1),
@@ -133,7 +135,7 @@ def main() -> None:
                        max_speedup_over_hf=round(ceiling / theirs, 2))
             line += (f"\n    bandwidth ceiling {ceiling:.0f} tok/s ({need / 1e6:.1f} MB per step): engine "
                      f"{ours / ceiling:.1%}, compiled {compiled / ceiling:.1%}, transformers {theirs / ceiling:.1%}; "
-                     f"no engine can beat transformers by more than x{ceiling / theirs:.2f} here")
+                     f"at the ceiling an engine would be x{ceiling / theirs:.2f} transformers")
             results["runs"].append(row)
             print(line)
     print(json.dumps(results))
