@@ -326,7 +326,6 @@ def test_compiled_decode_step_matches_eager(model):
     assert got[1] == Engine(model, max_batch=2, max_seq_len=96).generate(reqs())[1].token_ids
 
 
-
 def test_compiled_step_returns_the_eager_logprobs_and_routing(model):
     """The compiled step's extras equal the eager step's: each token's log-prob and top alternatives, repetition
     penalties, and the expert ids that GRPO's routing replay records (graphs the greedy test never builds)."""
@@ -342,6 +341,7 @@ def test_compiled_step_returns_the_eager_logprobs_and_routing(model):
     assert [[t for t, _ in top] for top in got[0].top_logprobs] == [[t for t, _ in top] for top in want[0].top_logprobs]
     assert len(got[0].routing) == len(want[0].routing) > 0
     assert all(torch.equal(a, b) for a, b in zip(got[0].routing, want[0].routing))
+
 
 def test_fp8_fixture_through_the_engine_with_resident_fp8_weights(fixtures_dir):
     """The FP8 checkpoint served with its weights kept in FP8 (the mode for one 141 GB GPU) gives the fixture tokens."""

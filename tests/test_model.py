@@ -103,7 +103,6 @@ def test_compiled_experts_equal_per_token_loop(tokens, dtype, monkeypatch):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
-
 def test_small_fp32_experts_gather_past_the_expert_count(monkeypatch):
     """fp32 on CPU: past E pairs the compiled layer still reads the pairs' weights in place while they total at most
     CPU_GATHER_BYTES (here 40 pairs of 8 experts, 184 KB), and equals the per-token loop; bf16 does not."""
@@ -120,6 +119,7 @@ def test_small_fp32_experts_gather_past_the_expert_count(monkeypatch):
         got = torch.compile(e, fullgraph=True)(x, idx, w)
     assert gathered
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
 
 def test_packed_segments_equal_separate_sequences():
     model = Transformer(get_preset("tiny")).init_weights(3).eval()
