@@ -31,6 +31,10 @@ CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 # 459 us, grouped 629; base-100m (1.5 MB experts) at 8 tokens (48 MB): gather 1,822 us, grouped 1,518. Decode at
 # batch 16 on `small`: 3.6 -> 3.05 ms a step.
 CPU_GATHER_BYTES = 24 << 20
+# bf16 on a CPU with AMX, past E pairs: every expert on every token beats grouping the pairs while that dense work
+# stays within this many FLOPs a layer call. Measured compiled, one layer: `small` at 128 tokens (302 MFLOP): dense
+# 838 us, grouped 884; base-100m at 16 tokens (302 MFLOP): 1,519 vs 1,608, at 20 tokens (377 MFLOP): 1,922 vs 1,684.
+CPU_DENSE_FLOPS = 320e6
 
 
 # ---- norms, rotary -----------------------------------------------------------------------------
@@ -259,14 +263,16 @@ class Experts(nn.Module):
 
     def dense_pays(self, tokens: int, k: int, device: torch.device) -> bool:
         """Whether computing every expert for every token beats routing the pairs: on a CPU with AMX, for bf16
-        weights, from past E (token, expert) pairs up to 16 tokens. An AMX tile multiplies 16 rows at once, so an
-        expert's rows cost one tile pass however few are routed to it, and the dense GEMMs need no sort, scatter or
-        host sync (they stay inside a compiled graph). Past E pairs each expert receives a token with probability
-        1-(1-k/E)^T >= 63%, so at most 1.6x the weights are read. Measured on `small`, batch 16: compiled 4,090 ->
-        6,000 tok/s, eager 3,470 -> 3,560 (and 383 us a layer against the in-place gather's 410). In fp32 the
-        E/k-times larger GEMMs cost more than they save (base-100m, batch 16: 0.75x)."""
-        return (device.type == "cpu" and self.gate_proj.dtype == torch.bfloat16 and tokens <= 16
-                and tokens * k > self.gate_proj.shape[0] and CPU_HAS_AMX)
+        weights, past E (token, expert) pairs while the dense work stays within CPU_DENSE_FLOPS. An AMX tile
+        multiplies 16 rows at once, so an expert's rows cost about one tile pass however few are routed to it, and
+        the dense GEMMs need no sort, scatter or host sync (they stay inside a compiled graph). Past E pairs each
+        expert receives a token with probability 1-(1-k/E)^T >= 63%, so at most 1.6x the weights are read.
+        Measured on `small`, batch 16: compiled 4,090 -> 6,000 tok/s, eager 3,470 -> 3,560 (and 383 us a layer
+        against the in-place gather's 410). In fp32 the E/k-times larger GEMMs cost more than they save
+        (base-100m, batch 16: 0.75x)."""
+        E, hidden, dim = self.gate_proj.shape
+        return (device.type == "cpu" and self.gate_proj.dtype == torch.bfloat16 and CPU_HAS_AMX
+                and tokens * k > E and E * tokens * 6 * hidden * dim <= CPU_DENSE_FLOPS)
 
     def _dense(self, x_TD, idx_Tk, w_Tk):
         E = self.gate_proj.shape[0]

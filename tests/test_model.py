@@ -56,14 +56,15 @@ def test_bf16_cpu_experts_equal_per_token_loop(skewed, monkeypatch):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_dense_experts_on_amx_equal_per_token_loop(compiled, monkeypatch):
-    """bf16 on a CPU with AMX, past `gather_pays` and up to 16 tokens: every expert runs on every token and the
+    """bf16 on a CPU with AMX, past E pairs and within CPU_DENSE_FLOPS: every expert runs on every token and the
     unrouted ones weigh 0; equal to the per-token loop within bf16 rounding, eager and inside a full graph."""
     monkeypatch.setattr(M, "CPU_HAS_AMX", True)
+    monkeypatch.setattr(M, "CPU_DENSE_FLOPS", 8 * 12 * 6 * 16 * 24)  # 8 experts (16 -> 24) on 12 tokens
     e, x, idx, w = random_experts(8, 16, 24, tokens=12, seed=3)
     want = naive_experts(e, x, idx, w)
     torch.testing.assert_close(e._dense(x, idx, w), want, rtol=1e-5, atol=1e-5)  # fp32: the same sums
     e = e.to(torch.bfloat16)
-    assert e.dense_pays(12, 2, x.device) and not e.dense_pays(17, 2, x.device) and not e.dense_pays(4, 2, x.device)
+    assert e.dense_pays(12, 2, x.device) and not e.dense_pays(13, 2, x.device) and not e.dense_pays(4, 2, x.device)
     dense = []
     run = e._dense
     monkeypatch.setattr(e, "_dense", lambda *a: dense.append(1) or run(*a))
