@@ -132,7 +132,7 @@ def main() -> None:
                        fraction_of_bandwidth_ceiling=round(ours / ceiling, 3),
                        fraction_of_bandwidth_ceiling_compiled=round(compiled / ceiling, 3),
                        hf_fraction_of_bandwidth_ceiling=round(theirs / ceiling, 3),
-                       max_speedup_over_hf=round(ceiling / theirs, 2))
+                       ceiling_speedup_over_hf=round(ceiling / theirs, 2))
             line += (f"\n    bandwidth ceiling {ceiling:.0f} tok/s ({need / 1e6:.1f} MB per step): engine "
                      f"{ours / ceiling:.1%}, compiled {compiled / ceiling:.1%}, transformers {theirs / ceiling:.1%}; "
                      f"at the ceiling an engine would be x{ceiling / theirs:.2f} transformers")
