@@ -109,11 +109,12 @@ def test_small_fp32_experts_gather_past_the_expert_count(monkeypatch):
     CPU_GATHER_BYTES (here 40 pairs of 8 experts, 184 KB), and equals the per-token loop; bf16 does not."""
     e, x, idx, w = random_experts(8, 16, 24, tokens=20, seed=2)
     want = naive_experts(e, x, idx, w)
+    pairs_bytes = 40 * 3 * 16 * 24 * 4  # 40 pairs x (gate, up, down) x 16 x 24 fp32
     assert e.gather_pays(40, x.device)
     assert not random_experts(8, 16, 24, tokens=20)[0].to(torch.bfloat16).gather_pays(40, x.device)
-    monkeypatch.setattr(M, "CPU_GATHER_BYTES", 40 * 3 * 16 * 24 * 4 - 1)
+    monkeypatch.setattr(M, "CPU_GATHER_BYTES", pairs_bytes - 1)
     assert not e.gather_pays(40, x.device)
-    monkeypatch.setattr(M, "CPU_GATHER_BYTES", 40 * 3 * 16 * 24 * 4)
+    monkeypatch.setattr(M, "CPU_GATHER_BYTES", pairs_bytes)
     gathered, run = [], e._gathered
     monkeypatch.setattr(e, "_gathered", lambda *a: gathered.append(1) or run(*a))
     with torch.no_grad():

@@ -18,7 +18,8 @@ the outputs of three target layers, which the target's own prefill and verify fo
 them with a `feature_layers` attribute and turns them into its hidden input with `fuse`).
 
 With `Engine(compile=True)` a whole round (drafts, verify forward, acceptance, state updates) runs as one compiled
-graph.
+graph (on CPU launched from C++; see `engine.compile_step`).
+
 Shapes: B slots, L catch-up length, k drafts, V vocab, D hidden.
 """
 
