@@ -41,6 +41,7 @@ from typing import AsyncIterator, Callable, Iterator, Protocol
 import torch
 from torch import Tensor
 
+from angelmed.infer import cpu_pack
 from angelmed.infer.sampling import apply_repetition_penalty, argmax, filter_logits
 from angelmed.model import ModelOutput, RouterInfo, Transformer, write_kv
 
@@ -389,7 +390,7 @@ def round_up(n: int, limit: int, quantum: int = 64) -> int:
     return min(limit, -(-n // quantum) * quantum)
 
 
-def compile_step(fn, device: torch.device):
+def compile_step(fn, device: torch.device, freeze: bool = False):
     """torch.compile for a decode step or a speculative round. Rows and cache length go dynamic; one graph per
     combination of sampling flags, so the recompile limit allows them all.
 
@@ -399,7 +400,10 @@ def compile_step(fn, device: torch.device):
       GEMV (base-100m bf16 batch-1 decode 165 -> 205 tok/s in bench_decode.py); fp32 is unchanged.
     - the wrapper that runs the graph's kernels is C++ (`cpp_wrapper`), not Python. A decode step launches ~100
       kernels and allocations, and the Python wrapper cost 1-1.5 ms of a 6 ms base-100m bf16 batch-1 step
-      (6.0 -> 4.5 ms; small fp32 batch 1 0.96 -> 0.81 ms). A cold compile takes ~10% longer."""
+      (6.0 -> 4.5 ms; small fp32 batch 1 0.96 -> 0.81 ms). A cold compile takes ~10% longer.
+    freeze: the model holds packed weights (infer/cpu_pack.py), which inductor takes only as constants. The graphs
+    then inline the parameters by reference (no copy; in-place updates stay visible), and the engine re-packs
+    stale copies, which changes their identity and so recompiles."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type != "cpu":
         return torch.compile(fn, dynamic=None)
@@ -410,7 +414,16 @@ def compile_step(fn, device: torch.device):
     mod = sys.modules.get("torch._inductor.fx_passes.decompose_mem_bound_mm")
     if mod is not None:  # imported by an earlier compile: it read the cap at import
         mod.cpu_max_other_dimension_decomposition = max(mod.cpu_max_other_dimension_decomposition, 1 << 30)
-    return torch.compile(fn, dynamic=None, options={"cpp_wrapper": True})
+    compiled = torch.compile(fn, dynamic=None, options={"cpp_wrapper": True})
+    if not freeze:
+        return compiled
+
+    def run(*args, **kwargs):
+        # read while dynamo traces, so not from torch.compile's options. No prepacking by inductor: its passes
+        # expect weights that it packed itself, and would keep a packed copy per graph.
+        with inductor_config.patch({"freezing": True, "cpp.weight_prepack": False}):
+            return compiled(*args, **kwargs)
+    return run
 
 
 # ---- per-slot host state -------------------------------------------------------------------------------
@@ -459,6 +472,9 @@ class Engine:
         its own cached entries for that prefix too)."""
         self.model = model.eval()
         self.cfg = model.config
+        self.packed_bytes = cpu_pack.pack_(model)  # bf16 on CPU: the weights oneDNN multiplies, packed once
+        self._weights = [*model.parameters(), *model.buffers()]
+        self._weights_seen = self._weights_signature()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or self.cfg.max_position_embeddings)
@@ -511,7 +527,7 @@ class Engine:
         self.compile = compile
         self._decode_compiled = None
         if compile:
-            self._decode_compiled = compile_step(self._decode_fn, self.device)
+            self._decode_compiled = compile_step(self._decode_fn, self.device, freeze=self.packed_bytes > 0)
         if draft is not None:
             from angelmed.infer.speculative import SpecState
             self.spec = SpecState(self)
@@ -723,11 +739,18 @@ class Engine:
             if not next(job.chunks, False):  # its last chunk ran: the rows are live
                 self._jobs.remove(job)
 
+    def _weights_signature(self) -> list[tuple[int, int]]:
+        return [(t._version, t.data_ptr()) for t in self._weights]
+
     def _admit(self) -> None:
         reserved = self._reserved
         free = [i for i, s in enumerate(self.slots) if s is None and i not in reserved]
-        if not free:
+        if not free or not self._pending:
             return
+        if self._weights_signature() != self._weights_seen:  # loaded in place: a GRPO sync, an optimizer step
+            self.cached_ids = [[] for _ in self.slots]  # K/V cached from the old weights
+            self.packed_bytes = cpu_pack.pack_(self.model)  # new identities: compiled graphs recompile
+            self._weights_seen = self._weights_signature()
         batch: list[tuple[int, RequestHandle]] = []
         reuse: list[tuple[int, int]] = []  # per admitted request: (source slot, prompt tokens its cache holds)
         budget = self.max_prefill_tokens

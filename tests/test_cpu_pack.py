@@ -1,0 +1,91 @@
+"""oneDNN-packed bf16 weights (infer/cpu_pack.py): the same numbers as the plain weights, never stale."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import angelmed.model as M
+from angelmed.config import get_preset
+from angelmed.infer import cpu_pack
+from angelmed.infer.engine import Engine, GenerationRequest, compile_step
+from angelmed.model import Transformer
+from test_model import naive_experts, random_experts
+
+pytestmark = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                                reason="needs a CPU whose oneDNN multiplies bf16")
+
+
+def bf16_model(seed: int = 0) -> Transformer:
+    return Transformer(get_preset("tiny")).init_weights(seed).to(torch.bfloat16).eval()
+
+
+def test_packed_linear_is_bit_identical_and_follows_in_place_updates():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    packed = cpu_pack.PackedLinear(lin)
+    assert packed.weight is lin.weight  # shared, not copied
+    with torch.no_grad():
+        for rows in (1, 5, 40):
+            x = torch.randn(2, rows, 64, dtype=torch.bfloat16)
+            assert torch.equal(packed(x), F.linear(x, lin.weight, lin.bias))
+        lin.weight.mul_(-2)  # the packed copy is stale now: eager forwards see it and use the new weight
+        assert torch.equal(packed(x), F.linear(x, lin.weight, lin.bias))
+    x.requires_grad_(True)
+    packed(x).sum().backward()  # with autograd: the plain weight, which receives the gradient
+    assert lin.weight.grad is not None
+    assert copy.deepcopy(packed).packed is None  # an opaque oneDNN tensor is not copied; the copy runs plain
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_packed_dense_experts_equal_per_token_loop(compiled, monkeypatch):
+    """Two packed GEMMs (all gates and ups in one, the down projections side by side along K, the gate weights
+    applied before the down GEMM) equal the per-token loop within bf16 rounding, eager and compiled."""
+    monkeypatch.setattr(M, "CPU_HAS_AMX", True)
+    e, x, idx, w = random_experts(8, 16, 24, tokens=12, seed=3)
+    want = naive_experts(e, x, idx, w)
+    e = e.to(torch.bfloat16)
+    e.pack_dense()
+    fn = (lambda x: e._dense(x, idx, w))
+    if compiled:
+        fn = compile_step(fn, torch.device("cpu"), freeze=True)
+    with torch.no_grad():
+        got = fn(x.bfloat16())
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_engine_packs_bf16_and_decodes_the_unpacked_tokens(monkeypatch):
+    """Packed linear layers are bit-identical to plain ones: the same tokens and log-probs (experts off the dense
+    path, whose packed form sums in another order). The packed copies cost their weights' bytes once more."""
+    plain, model = bf16_model(), bf16_model()
+    monkeypatch.setattr(M, "CPU_HAS_AMX", True)
+    assert cpu_pack._dense_experts(model)
+    assert Engine(model, max_batch=1, max_seq_len=64).packed_bytes == 2 * sum(
+        p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) or isinstance(m, M.Experts)
+        for p in m.parameters())  # every linear layer, the head, and the experts
+    monkeypatch.setattr(M, "CPU_DENSE_FLOPS", 0)
+    eng = Engine(model, max_batch=1, max_seq_len=64)
+    assert isinstance(model.model.layers[0].attention.query_key_value, cpu_pack.PackedLinear)
+    ref = Engine(plain, max_batch=1, max_seq_len=64)
+    cpu_pack.unpack_(plain)  # the reference engine packed its model too
+    for ids in ([5, 17, 300, 2, 9], [44] * 12):
+        req = lambda: GenerationRequest(ids, max_tokens=10, stop_ids=[], logprobs=True)  # noqa: E731
+        got, want = eng.generate([req()])[0], ref.generate([req()])[0]
+        assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_engine_repacks_after_in_place_weight_updates(compiled):
+    """Weights loaded in place into an engine's model (a GRPO sync, a hot reload) are what it decodes with next,
+    compiled too, where the graph holds the packed copies as constants."""
+    model = bf16_model(0)
+    eng = Engine(model, max_batch=2, max_seq_len=64, compile=compiled)
+    reqs = lambda: [GenerationRequest(p, max_tokens=6, stop_ids=[]) for p in ([3, 1, 4, 1, 5], [9, 2, 6])]  # noqa: E731
+    before = [r.token_ids for r in eng.generate(reqs())]
+    other = bf16_model(1)
+    model.load_state_dict(other.state_dict())
+    got = [r.token_ids for r in eng.generate(reqs())]
+    want = [r.token_ids for r in Engine(other, max_batch=2, max_seq_len=64).generate(reqs())]
+    assert got == want != before
