@@ -49,15 +49,18 @@ class Packed:
     def __init__(self, w_NK: Tensor, sources: tuple[Tensor, ...] = ()):
         self.w = torch.ops.mkldnn._reorder_linear_weight(w_NK.detach(), self.ROWS)
         self.sources = sources or (w_NK,)
-        self.versions = [t._version for t in self.sources]
+        self.seen = self._signature()
+
+    def _signature(self) -> list[tuple[int, int]]:  # in-place writes bump _version; `.data =` and .to() move data
+        return [(t._version, t.data_ptr()) for t in self.sources]
 
     def stale(self) -> bool:
-        return [t._version for t in self.sources] != self.versions
+        return self._signature() != self.seen
 
     def usable(self, x: Tensor) -> bool:
         """Whether to multiply x by the packed copy. Compiled, one-row products stay plain: inductor makes them fused
         multiply-reduce kernels, faster still (engine.compile_step; base-100m bf16 batch 1: 3.9 vs 4.4 ms a step)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or x.dtype != self.w.dtype:
             return False
         if torch.compiler.is_compiling():
             return x.numel() > x.shape[-1]

@@ -7,9 +7,9 @@ bit-identical). Decode multiplies 1-64 rows per step, so the engine packs a bf16
 starts: every nn.Linear (attention, MLPs, shared experts, MTP), the output head, and, where the dense expert path
 can run (`Experts.dense_pays`, small experts only), all experts as two concatenated weights.
 
-A packed copy adds its weight's bytes once more (base-100m: 29 MB of linears, 132 MB of dense experts, on a
-192 MB model; Ling-flash-2.0's experts are too big for the dense path, so only its ~4 B non-expert parameters
-would double). It serves forwards without autograd; training runs the plain weights. A copy goes stale when its
+A packed copy adds its weight's bytes once more (base-100m: 183 MB on a 192 MB model, as its experts are small
+enough for the dense path; Ling-flash-2.0's are not, so it adds only its 2.4 B projection and head parameters,
+4.7 GB on 206 GB). It serves forwards without autograd; training runs the plain weights. A copy goes stale when its
 weight changes in place: eager forwards check the weight's version counter and fall back to the plain weight; the
 engine packs again before it admits requests to changed weights.
 
