@@ -35,6 +35,12 @@ CPU_GATHER_BYTES = 24 << 20
 # stays within this many FLOPs a layer call. Measured compiled, one layer: `small` at 128 tokens (302 MFLOP): dense
 # 838 us, grouped 884; base-100m at 16 tokens (302 MFLOP): 1,519 vs 1,608, at 20 tokens (377 MFLOP): 1,922 vs 1,684.
 CPU_DENSE_FLOPS = 320e6
+# bf16 on CPU, grouped: one batched GEMM per weight over the experts' rows padded to the largest count beats a GEMM
+# per expert (grouped_mm) while each expert's share is small: rows per expert x D x I at most this (its three GEMMs
+# about 6 MFLOP; below that a call's fixed cost dominates). Measured, padded vs grouped_mm: `small` (16 experts,
+# 192 -> 128) at 32 rows an expert 0.67 vs 0.76 ms, at 64 1.06 vs 0.94; base-100m (24 experts, 512 -> 256) at 5
+# rows 1.44 vs 2.01, at 11 2.38 vs 2.29, at 85 7.75 vs 4.22.
+CPU_PADDED_BMM_WORK = 1 << 20
 
 
 # ---- packed weights (bf16 inference on CPU) ----------------------------------------------------
@@ -373,12 +379,8 @@ def opaque_in_compiled_graphs(name: str):
 def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor, up_EID: Tensor,
                     down_EDI: Tensor) -> Tensor:
     """The routed experts' weighted output (fp32) with the (token, expert) pairs grouped by expert."""
-    hidden = gate_EID.shape[1]
-    if x_TD.dtype == torch.bfloat16 and x_TD.device.type == "cpu":
-        # CPU grouped_mm runs one oneDNN GEMM per expert (~18 us each in bf16): one bmm per weight is
-        # 1.6-2.8x faster up to a few hundred tokens and even past that (measured, E=16..256)
-        ffn = padded_bmm(gate_EID, up_EID, down_EDI)
-    elif _use_grouped_mm(x_TD, hidden):
+    E, hidden, dim = gate_EID.shape
+    if _use_grouped_mm(x_TD, hidden):
         def ffn(x_sorted, counts_E):
             offs = counts_E.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x_sorted, gate_EID.transpose(1, 2), offs=offs))
@@ -386,7 +388,10 @@ def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor
             return torch._grouped_mm(h, down_EDI.transpose(1, 2), offs=offs)
     else:
         ffn = swiglu_loop(gate_EID, up_EID, down_EDI)
-    return sorted_by_expert(x_TD, idx_Tk, w_Tk, gate_EID.shape[0], ffn)
+    if (x_TD.dtype == torch.bfloat16 and x_TD.device.type == "cpu"
+            and idx_Tk.numel() * hidden * dim <= E * CPU_PADDED_BMM_WORK):
+        ffn = padded_bmm(gate_EID, up_EID, down_EDI, skewed=ffn)
+    return sorted_by_expert(x_TD, idx_Tk, w_Tk, E, ffn)
 
 
 def sorted_by_expert(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, num_experts: int, ffn) -> Tensor:
@@ -419,13 +424,13 @@ def swiglu_loop(gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor):
     return expert_loop(lambda e, xs: (F.silu(xs @ gate_EID[e].T) * (xs @ up_EID[e].T)) @ down_EDI[e].T)
 
 
-def padded_bmm(gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor):
+def padded_bmm(gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor, skewed):
     """An ffn for `sorted_by_expert` as three batched GEMMs over [E, C, D]: each expert's rows padded to the
-    largest count C (one host sync). Past 4x padding (routing far from balanced) it loops over the experts."""
+    largest count C (one host sync). Past 4x padding (routing far from balanced) it runs the ffn `skewed`."""
     def ffn(x_sorted: Tensor, counts_E: Tensor) -> Tensor:
         E, R, C = counts_E.numel(), x_sorted.shape[0], int(counts_E.max())
         if E * C > 4 * R:
-            return swiglu_loop(gate_EID, up_EID, down_EDI)(x_sorted, counts_E)
+            return skewed(x_sorted, counts_E)
         e_R = torch.repeat_interleave(torch.arange(E, device=x_sorted.device), counts_E, output_size=R)
         slot_R = torch.arange(R, device=x_sorted.device) - (counts_E.cumsum(0) - counts_E)[e_R]
         x_ECD = x_sorted.new_zeros(E, C, x_sorted.shape[1])

@@ -38,19 +38,22 @@ def test_expert_paths_equal_per_token_loop(path, monkeypatch):
     torch.testing.assert_close(got, naive_experts(e, x, idx, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("skewed", [False, True])
-def test_bf16_cpu_experts_equal_per_token_loop(skewed, monkeypatch):
-    """bf16 on CPU: experts run as three padded batched GEMMs; routing so skewed that padding would pass 4x the
-    rows runs the per-expert loop instead. Both equal the per-token loop (fp32) within bf16 rounding."""
+@pytest.mark.parametrize("routing", ["balanced", "skewed", "many rows"])
+def test_bf16_cpu_experts_equal_per_token_loop(routing, monkeypatch):
+    """bf16 on CPU: experts with few rows each run as three padded batched GEMMs; routing so skewed that padding
+    would pass 4x the rows, or more rows an expert than CPU_PADDED_BMM_WORK allows, runs a GEMM per expert. Each
+    equals the per-token loop (fp32) within bf16 rounding."""
     e, x, idx, w = random_experts(16, 16, 24, tokens=20, seed=2)
-    if skewed:  # expert 0 takes every token: 16 experts x 20 rows = 8x the 40 pairs
+    if routing == "skewed":  # expert 0 takes every token: 16 experts x 20 rows = 8x the 40 pairs
         idx[:, 0], idx[:, 1] = 0, 1 + idx[:, 1] % 15
+    if routing == "many rows":  # 2.5 rows an expert x 16 x 24 = 960 > 900
+        monkeypatch.setattr(M, "CPU_PADDED_BMM_WORK", 900)
     want = naive_experts(e, x, idx, w)
-    loops = []
-    loop = M.swiglu_loop
-    monkeypatch.setattr(M, "swiglu_loop", lambda *a: loops.append(1) or loop(*a))
+    padded = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: padded.append(1) or bmm(*a))
     got = e.to(torch.bfloat16)._grouped(x.bfloat16(), idx, w)
-    assert len(loops) == skewed
+    assert bool(padded) == (routing == "balanced")
     torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
 
 
