@@ -402,7 +402,7 @@ def sorted_by_expert(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, num_experts: in
     order = flat.argsort(stable=True)
     token = order // k
     y_sorted = ffn(x_TD[token], _count(flat, num_experts))
-    y_weighted = y_sorted.float() * w_Tk.reshape(-1)[order, None]
+    y_weighted = y_sorted * w_Tk.reshape(-1)[order, None].float()  # one pass: promotes to fp32 exactly
     return torch.zeros(T, x_TD.shape[1], dtype=torch.float32, device=x_TD.device).index_add_(0, token, y_weighted)
 
 
