@@ -64,12 +64,15 @@ class Packed:
         return self._signature() != self.seen
 
     def usable(self, x: Tensor) -> bool:
-        """Whether to multiply x by the packed copy. Compiled, one-row products stay plain: inductor makes them fused
-        multiply-reduce kernels, faster still (engine.compile_step; base-100m bf16 batch 1: 3.9 vs 4.4 ms a step)."""
+        """Whether to multiply x by the packed copy. Compiled, only in graphs that freeze the weights (inductor takes
+        a packed weight only as a constant; engine.compile_step), and not for one-row products: inductor makes
+        those fused multiply-reduce kernels, faster still (base-100m bf16 batch 1: 3.9 vs 4.4 ms a step)."""
         if torch.is_grad_enabled() or x.dtype != self.w.dtype:
             return False
         if torch.compiler.is_compiling():
-            return x.numel() > x.shape[-1]
+            import torch._inductor.config as inductor_config
+
+            return inductor_config.freezing and x.numel() > x.shape[-1]
         return not self.stale()
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:

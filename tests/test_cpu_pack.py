@@ -92,3 +92,20 @@ def test_engine_repacks_after_in_place_weight_updates(compiled):
     got = [r.token_ids for r in eng.generate(reqs())]
     want = [r.token_ids for r in Engine(other, max_batch=2, max_seq_len=64).generate(reqs())]
     assert got == want != before
+
+
+def test_compiled_speculative_round_runs_on_packed_weights():
+    """A compiled speculative round on a packed model (its graph multiplies the plain weights) gives the eager
+    round's tokens."""
+    from angelmed.infer.speculative import MTPDrafter
+
+    model = bf16_model(0)
+    reqs = lambda: [GenerationRequest([7, 3, 99, 250, 41, 8], max_tokens=12, stop_ids=[])]  # noqa: E731
+    eng = Engine(model, max_batch=1, max_seq_len=96, draft=MTPDrafter(model), spec_tokens=2, compile=True)
+    assert eng.packed_bytes > 0
+    compiled, calls = eng.spec._round_compiled, []
+    eng.spec._round_compiled = lambda *a: calls.append(1) or compiled(*a)
+    got = eng.generate(reqs())[0].token_ids
+    assert calls, "the compiled round never ran"
+    eager = Engine(model, max_batch=1, max_seq_len=96, draft=MTPDrafter(model), spec_tokens=2)
+    assert got == eager.generate(reqs())[0].token_ids

@@ -13,8 +13,8 @@ enough for the dense path; Ling-flash-2.0's are not, so it adds only its 2.4 B p
 weight changes in place: eager forwards check the weight's version counter and fall back to the plain weight; the
 engine packs again before it admits requests to changed weights.
 
-In a compiled graph, inductor accepts a packed weight only as a frozen constant: `engine.compile_step` freezes the
-parameters (inlines them by reference) of packed models.
+In a compiled graph, inductor accepts a packed weight only as a frozen constant: the engine's compiled decode step
+freezes the parameters (inlines them by reference); other compiled graphs multiply the plain weights.
 """
 
 from __future__ import annotations

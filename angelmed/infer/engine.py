@@ -401,9 +401,12 @@ def compile_step(fn, device: torch.device, freeze: bool = False):
     - the wrapper that runs the graph's kernels is C++ (`cpp_wrapper`), not Python. A decode step launches ~100
       kernels and allocations, and the Python wrapper cost 1-1.5 ms of a 6 ms base-100m bf16 batch-1 step
       (6.0 -> 4.5 ms; small fp32 batch 1 0.96 -> 0.81 ms). A cold compile takes ~10% longer.
-    freeze: the model holds packed weights (infer/cpu_pack.py), which inductor takes only as constants. The graphs
+    freeze: use the model's packed weights (infer/cpu_pack.py), which inductor takes only as constants. The graphs
     then inline the parameters by reference (no copy; in-place updates stay visible), and the engine re-packs
-    stale copies, which changes their identity and so recompiles."""
+    stale copies, which changes their identity and so recompiles. Only for the decode step: inductor's freezing
+    assumes the parameters come first among a graph's inputs, which holds there but not in the speculative round
+    (it reaches the model through the engine), where it swapped constants for inputs; that round runs on the plain
+    weights."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type != "cpu":
         return torch.compile(fn, dynamic=None)

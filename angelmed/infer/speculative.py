@@ -377,8 +377,7 @@ class SpecState:
         L = engine.cfg.num_hidden_layers
         if not all(0 <= i < L for i in self.feature_layers):
             raise ValueError(f"draft feature layers {list(self.feature_layers)} must lie in [0, {L})")
-        self._round_compiled = (compile_step(self._draft_and_verify, engine.device, freeze=engine.packed_bytes > 0)
-                                if engine.compile else None)
+        self._round_compiled = compile_step(self._draft_and_verify, engine.device) if engine.compile else None
 
     def reset_stats(self) -> None:
         self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
