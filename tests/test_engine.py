@@ -357,6 +357,21 @@ def test_fp8_fixture_through_the_engine_with_resident_fp8_weights(fixtures_dir):
     assert [r.token_ids for r in res] == want.tolist()
 
 
+def test_weights_loaded_in_place_drop_the_cached_prefixes():
+    """After an in-place weight update (a GRPO sync, a hot reload) no prompt reuses K/V cached from the old weights:
+    the same prompts decode as a fresh engine on the new weights does."""
+    model, other = tiny_model(0), tiny_model(1)
+    eng = Engine(model, max_batch=2, max_seq_len=64)
+    ps = prompts(2, seed=21)
+    reqs = lambda: [GenerationRequest(p, max_tokens=6, stop_ids=[], logprobs=True) for p in ps]  # noqa: E731
+    before = eng.generate(reqs())
+    model.load_state_dict(other.state_dict())
+    got, want = eng.generate(reqs()), Engine(other, max_batch=2, max_seq_len=64).generate(reqs())
+    assert [r.cached_tokens for r in got] == [0, 0]
+    assert [r.token_ids for r in got] == [r.token_ids for r in want] != [r.token_ids for r in before]
+    assert [r.logprobs for r in got] == [r.logprobs for r in want]
+
+
 def test_prefix_reuse_prefills_only_the_new_turn(model):
     """Chat A's next turn reuses A's slot while chat B decoded beside the idle slot (whose decode writes land on
     position 0): same tokens as an independent full-prompt greedy decode, log-probs as a no-reuse engine."""
