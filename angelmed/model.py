@@ -278,7 +278,8 @@ class Experts(nn.Module):
     Checkpoints name them per expert (`experts.{e}.gate_proj.weight`); checkpoint.py maps the names.
     """
 
-    packed_dense: tuple[Packed, Packed] | None = None  # infer/cpu_pack.py: [gate; up] as [2EI, D], down as [D, EI]
+    packed_gate_up: Packed | None = None  # infer/cpu_pack.py: every expert's gate and up rows, [2EI, D]
+    packed_down: Packed | None = None  # the down projections side by side, [D, EI]
 
     def __init__(self, E: int, dim: int, hidden: int):
         super().__init__()
@@ -328,17 +329,16 @@ class Experts(nn.Module):
         sources = (self.gate_proj, self.up_proj, self.down_proj)
         gate_up = torch.cat([self.gate_proj.reshape(E * I, D), self.up_proj.reshape(E * I, D)])
         down = self.down_proj.permute(1, 0, 2).reshape(D, E * I)
-        self.packed_dense = (Packed(gate_up, sources), Packed(down, sources))
+        self.packed_gate_up, self.packed_down = Packed(gate_up, sources), Packed(down, sources)
 
     def _dense(self, x_TD, idx_Tk, w_Tk):
         E, I, _ = self.gate_proj.shape
         T, D = x_TD.shape
         w_TE = torch.zeros(T, E, dtype=torch.float32, device=x_TD.device).scatter(1, idx_Tk, w_Tk)
-        if self.packed_dense is not None and self.packed_dense[0].usable(x_TD):
-            gate_up, down = self.packed_dense
-            gu_T2EI = gate_up(x_TD)
+        if self.packed_gate_up is not None and self.packed_gate_up.usable(x_TD):
+            gu_T2EI = self.packed_gate_up(x_TD)
             h_TEI = (F.silu(gu_T2EI[:, :E * I]) * gu_T2EI[:, E * I:]).view(T, E, I)
-            return down((h_TEI.float() * w_TE[:, :, None]).to(x_TD.dtype).view(T, E * I)).float()
+            return self.packed_down((h_TEI.float() * w_TE[:, :, None]).to(x_TD.dtype).view(T, E * I)).float()
         x_ETD = x_TD.expand(E, T, D)
         gate_EDI, up_EDI, down_EID = (w.transpose(1, 2) for w in (self.gate_proj, self.up_proj, self.down_proj))
         h_ETI = F.silu(torch.bmm(x_ETD, gate_EDI)) * torch.bmm(x_ETD, up_EDI)

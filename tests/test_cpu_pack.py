@@ -77,6 +77,10 @@ def test_engine_packs_bf16_and_decodes_the_unpacked_tokens(monkeypatch):
         req = lambda: GenerationRequest(ids, max_tokens=10, stop_ids=[], logprobs=True)  # noqa: E731
         got, want = eng.generate([req()])[0], ref.generate([req()])[0]
         assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+    monkeypatch.undo()
+    twin, x = copy.deepcopy(model), torch.tensor([[5, 17, 300, 2, 9]])  # the packed copies are not copied
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x).logits, model(x).logits, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -98,4 +98,4 @@ def unpack_(model: Transformer) -> None:
     model.head_packed = None
     for m in model.modules():
         if isinstance(m, Experts):
-            m.packed_dense = None
+            m.packed_gate_up = m.packed_down = None
