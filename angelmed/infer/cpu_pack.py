@@ -70,22 +70,29 @@ def nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _fresh(p: Packed | None) -> bool:
+    return p is not None and not p.stale()
+
+
 def pack_(model: Transformer) -> int:
-    """In place: pack every linear layer, the output head and the experts that can run dense. Returns the bytes the
+    """In place: pack every linear layer, the output head and the experts that can run dense; copies still fresh are
+    kept (a second engine on the same model leaves the first one's compiled graphs valid). Returns the bytes the
     packed copies add. A no-op (0) where `supported(model)` is false."""
     if not supported(model):
         return 0
     added = 0
     for parent, name, lin in _linears(model):
         if type(lin) is nn.Linear:
-            setattr(parent, name, PackedLinear(lin))
-        elif isinstance(lin, PackedLinear):
-            lin.packed = Packed(lin.weight)
-        added += nbytes(lin.weight)
-    model.head_packed = Packed(model.head_weight)
+            lin = PackedLinear(lin)
+            setattr(parent, name, lin)
+        if isinstance(lin, PackedLinear):
+            lin.packed = lin.packed if _fresh(lin.packed) else Packed(lin.weight)
+            added += nbytes(lin.weight)
+    model.head_packed = model.head_packed if _fresh(model.head_packed) else Packed(model.head_weight)
     added += nbytes(model.head_weight)
     for m in _dense_experts(model):
-        m.pack_dense()
+        if not (_fresh(m.packed_gate_up) and _fresh(m.packed_down)):
+            m.pack_dense()
         added += sum(nbytes(p) for p in m.parameters())
     return added
 
