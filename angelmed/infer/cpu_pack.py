@@ -1,9 +1,9 @@
 """bf16 weights reordered once into oneDNN's blocked layout, for inference on CPUs with bf16 GEMMs.
 
 oneDNN multiplies bf16 in a blocked weight layout. Handed a plain [N, K] weight, it reorders it on every call, so a
-GEMM of a few rows reads and writes the weight once more than it needs: 7.6 GB/s at 16 rows against 12.4 GB/s for
-a weight packed ahead (6144x512, this 2-core CPU with AMX, one thread; equal at 512 rows; the results are
-bit-identical). Decode multiplies 1-64 rows per step, so the engine packs a bf16 model's projections when it
+GEMM of a few rows reads and writes the weight once more than it needs: a weight packed ahead streams 1.7-1.8x as
+fast at 1-64 rows (6144x512, one thread of a CPU with AMX; equal at 512 rows; bit-identical results;
+benchmarks/bench_cpu_pack.py). Decode multiplies 1-64 rows per step, so the engine packs a bf16 model's projections when it
 starts: every nn.Linear (attention, MLPs, shared experts, MTP), the output head, and, where the dense expert path
 can run (`Experts.dense_pays`, small experts only), all experts as two concatenated weights.
 
