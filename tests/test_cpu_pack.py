@@ -51,7 +51,7 @@ def test_packed_dense_experts_equal_per_token_loop(compiled, monkeypatch):
     want = naive_experts(e, x, idx, w)
     e = e.to(torch.bfloat16)
     e.pack_dense()
-    fn = (lambda x: e._dense(x, idx, w))
+    fn = lambda x: e._dense(x, idx, w)  # noqa: E731
     if compiled:
         fn = compile_step(fn, torch.device("cpu"), freeze=True)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_engine_packs_bf16_and_decodes_the_unpacked_tokens(monkeypatch):
     monkeypatch.setattr(M, "CPU_HAS_AMX", True)
     assert cpu_pack._dense_experts(model)
     assert Engine(model, max_batch=1, max_seq_len=64).packed_bytes == 2 * sum(
-        p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) or isinstance(m, M.Experts)
+        p.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, M.Experts))
         for p in m.parameters())  # every linear layer, the head, and the experts
     monkeypatch.setattr(M, "CPU_DENSE_FLOPS", 0)
     eng = Engine(model, max_batch=1, max_seq_len=64)
