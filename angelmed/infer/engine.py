@@ -404,9 +404,9 @@ def compile_step(fn, device: torch.device, freeze: bool = False):
     freeze: use the model's packed weights (infer/cpu_pack.py), which inductor takes only as constants. The graphs
     then inline the parameters by reference (no copy; in-place updates stay visible), and the engine re-packs
     stale copies, which changes their identity and so recompiles. Only for the decode step: inductor's freezing
-    assumes the parameters come first among a graph's inputs, which holds there but not in the speculative round
-    (it reaches the model through the engine), where it swapped constants for inputs; that round runs on the plain
-    weights."""
+    assumes the parameters come first among a graph's inputs. That fails in the speculative round, whose inputs
+    alias one another (its state and a view of it, mutated), so aot_autograd rewrites them; there freezing swapped
+    constants for inputs. That round runs on the plain weights."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type != "cpu":
         return torch.compile(fn, dynamic=None)
