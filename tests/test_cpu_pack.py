@@ -99,7 +99,7 @@ def test_engine_repacks_after_in_place_weight_updates(compiled):
 
 
 def test_compiled_speculative_round_runs_on_packed_weights():
-    """A compiled speculative round on a packed model (its graph multiplies the plain weights) gives the eager
+    """A compiled speculative round on a packed model (its graph freezes the packed copies) gives the eager
     round's tokens."""
     from angelmed.infer.speculative import MTPDrafter
 

@@ -14,7 +14,8 @@ weight changes in place: eager forwards check the weight's version counter and f
 engine packs again before it admits requests to changed weights.
 
 In a compiled graph, inductor accepts a packed weight only as a frozen constant: the engine's compiled decode step
-freezes the parameters (inlines them by reference); other compiled graphs multiply the plain weights.
+and speculative round freeze the parameters (inline them by reference); other compiled graphs multiply the plain
+weights.
 """
 
 from __future__ import annotations

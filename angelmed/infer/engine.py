@@ -403,10 +403,9 @@ def compile_step(fn, device: torch.device, freeze: bool = False):
       (6.0 -> 4.5 ms; small fp32 batch 1 0.96 -> 0.81 ms). A cold compile takes ~10% longer.
     freeze: use the model's packed weights (infer/cpu_pack.py), which inductor takes only as constants. The graphs
     then inline the parameters by reference (no copy; in-place updates stay visible), and the engine re-packs
-    stale copies, which changes their identity and so recompiles. Only for the decode step: inductor's freezing
-    assumes the parameters come first among a graph's inputs. That fails in the speculative round, whose inputs
-    alias one another (its state and a view of it, mutated), so aot_autograd rewrites them; there freezing swapped
-    constants for inputs. That round runs on the plain weights."""
+    stale copies, which changes their identity and so recompiles. Inductor's freezing assumes the parameters come
+    first among a graph's inputs, which fails when inputs alias one another (aot_autograd rewrites them): a frozen
+    graph must take no view of a tensor it also takes (speculative.SpecState slices its state inside the graph)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type != "cpu":
         return torch.compile(fn, dynamic=None)

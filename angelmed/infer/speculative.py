@@ -377,7 +377,8 @@ class SpecState:
         L = engine.cfg.num_hidden_layers
         if not all(0 <= i < L for i in self.feature_layers):
             raise ValueError(f"draft feature layers {list(self.feature_layers)} must lie in [0, {L})")
-        self._round_compiled = compile_step(self._draft_and_verify, engine.device) if engine.compile else None
+        self._round_compiled = (compile_step(self._draft_and_verify, engine.device, freeze=engine.packed_bytes > 0)
+                                if engine.compile else None)
 
     def reset_stats(self) -> None:
         self.stats = SpecStats(accepted_hist=[0] * (self.k + 1))
@@ -401,22 +402,11 @@ class SpecState:
         n = e.active_prefix()
         sample, filt, penalty, want_lp = e._flags(n)
         S = e.attn_len(n, extra=2 * (k + 1))
-        ar = torch.arange(k + 1, device=e.device)
-        pos_B, len_B = e.pos_B[:n], self.len_B[:n]
-        st = ContextState(
-            ids_BL=self.ids_BL[:n], hidden_BLD=self.hidden_BLD[:n],
-            pos_BL=(pos_B - len_B)[:, None].clamp(min=0) + ar, len_B=len_B, n=n, S=S,
-            temp_B=e.temp_B[:n], topk_B=e.topk_B[:n], topp_B=e.topp_B[:n], seed_B=e.seed_B[:n],
-            counter_B=e.counter_B[:n], sample=sample, filt=filt,
-            seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
         caches = e.kv.view(n, S)
         if isinstance(e.draft, HiddenStateDrafter):  # views made outside compiled graphs (inside: 2x the graphs)
             e.draft.kv.view(n, S)
-        if self._round_compiled is not None:  # drafts and verify: one graph
-            host = self._round_compiled(st, caches, sample, filt, penalty, want_lp)
-        else:
-            drafts, q = e.draft.propose(st, k)
-            host = self._verify(caches, n, drafts, q, sample, filt, penalty, want_lp)
+        # drafts and verify, compiled: one graph
+        host = (self._round_compiled or self._draft_and_verify)(n, S, caches, sample, filt, penalty, want_lp)
         host = host.cpu()  # the round's one host copy
         tok_h = host[:, :k + 1].long().tolist()
         a_h = host[:, k + 1].long().tolist()
@@ -439,10 +429,20 @@ class SpecState:
         e.metrics.spec_accepted = self.stats.accepted
         e._accept_tokens(new, new_lp)
 
-    def _draft_and_verify(self, st: ContextState, caches, sample: bool, filt: bool, penalty: bool,
+    def _draft_and_verify(self, n: int, S: int, caches, sample: bool, filt: bool, penalty: bool,
                           want_lp: bool) -> Tensor:
-        drafts, q = self.e.draft.propose(st, self.k)
-        return self._verify(caches, st.n, drafts, q, sample, filt, penalty, want_lp)
+        # the context is sliced here, inside the graph: inputs that alias each other (a view of the state the
+        # verify mutates) would keep a compiled graph from freezing its weights
+        e, k = self.e, self.k
+        pos_B, len_B = e.pos_B[:n], self.len_B[:n]
+        st = ContextState(
+            ids_BL=self.ids_BL[:n], hidden_BLD=self.hidden_BLD[:n],
+            pos_BL=(pos_B - len_B)[:, None].clamp(min=0) + torch.arange(k + 1, device=e.device), len_B=len_B,
+            n=n, S=S, temp_B=e.temp_B[:n], topk_B=e.topk_B[:n], topp_B=e.topp_B[:n], seed_B=e.seed_B[:n],
+            counter_B=e.counter_B[:n], sample=sample, filt=filt,
+            seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
+        drafts, q = e.draft.propose(st, k)
+        return self._verify(caches, n, drafts, q, sample, filt, penalty, want_lp)
 
     def _verify(self, caches, n: int, drafts: Tensor, q: Tensor | None, sample: bool, filt: bool, penalty: bool,
                 want_lp: bool) -> Tensor:
