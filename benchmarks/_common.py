@@ -26,6 +26,15 @@ def setup(threads: int | None = None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
+def add_decode_workload_args(ap, reps: int) -> None:
+    """The decode benchmarks' workload: presets, batch sizes, random prompts of --prompt-len, --new-tokens each."""
+    ap.add_argument("--presets", nargs="+", default=["small", "base-100m"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=reps)
+
+
 DATA_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
 
 

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import setup
+from _common import add_decode_workload_args, setup
 from angelmed.config import get_preset
 from angelmed.infer import cpu_pack
 from angelmed.infer.engine import Engine, GenerationRequest
@@ -66,11 +66,7 @@ def engine_tok_s(engines: dict[str, Engine], prompts, new_tokens: int, reps: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["small", "base-100m"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    add_decode_workload_args(ap, reps=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     setup(args.threads)

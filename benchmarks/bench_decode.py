@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from _common import copy_bandwidth, hf_peer, setup
+from _common import add_decode_workload_args, copy_bandwidth, hf_peer, setup
 from angelmed.config import ModelConfig, get_preset
 from angelmed.infer.engine import Engine, GenerationRequest
 from angelmed.model import Transformer
@@ -88,11 +88,7 @@ def check_parity(model, hf, ids: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["small", "base-100m"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=2)
+    add_decode_workload_args(ap, reps=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and activations on both sides (bf16: half the bytes per token)")
     ap.add_argument("--threads", type=int, default=1,
