@@ -44,6 +44,11 @@ CPU_PADDED_BMM_WORK = 1 << 20
 
 
 # ---- packed weights (bf16 inference on CPU) ----------------------------------------------------
+def signature(tensors) -> list[tuple[int, int]]:
+    """What changes when tensors are rewritten: in-place writes bump `_version`; `.data =` and `.to()` move data."""
+    return [(t._version, t.data_ptr()) for t in tensors]
+
+
 class Packed:
     """A weight [N, K] reordered once by oneDNN for `x @ W.T` in bf16 on CPU (infer/cpu_pack.py: why and when).
 
@@ -55,13 +60,10 @@ class Packed:
     def __init__(self, w_NK: Tensor, sources: tuple[Tensor, ...] = ()):
         self.w = torch.ops.mkldnn._reorder_linear_weight(w_NK.detach(), self.ROWS)
         self.sources = sources or (w_NK,)
-        self.seen = self._signature()
-
-    def _signature(self) -> list[tuple[int, int]]:  # in-place writes bump _version; `.data =` and .to() move data
-        return [(t._version, t.data_ptr()) for t in self.sources]
+        self.seen = signature(self.sources)
 
     def stale(self) -> bool:
-        return self._signature() != self.seen
+        return signature(self.sources) != self.seen
 
     def usable(self, x: Tensor) -> bool:
         """Whether to multiply x by the packed copy. Compiled, only in graphs that freeze the weights (inductor takes

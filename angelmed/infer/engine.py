@@ -43,7 +43,7 @@ from torch import Tensor
 
 from angelmed.infer import cpu_pack
 from angelmed.infer.sampling import apply_repetition_penalty, argmax, filter_logits
-from angelmed.model import ModelOutput, RouterInfo, Transformer, write_kv
+from angelmed.model import ModelOutput, RouterInfo, Transformer, signature, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ class Engine:
         self.cfg = model.config
         self.packed_bytes = cpu_pack.pack_(model)  # bf16 on CPU: the weights oneDNN multiplies, packed once
         self._weights = [*model.parameters(), *model.buffers()]
-        self._weights_seen = self._weights_signature()
+        self._weights_seen = signature(self._weights)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or self.cfg.max_position_embeddings)
@@ -741,18 +741,15 @@ class Engine:
             if not next(job.chunks, False):  # its last chunk ran: the rows are live
                 self._jobs.remove(job)
 
-    def _weights_signature(self) -> list[tuple[int, int]]:
-        return [(t._version, t.data_ptr()) for t in self._weights]
-
     def _admit(self) -> None:
         reserved = self._reserved
         free = [i for i, s in enumerate(self.slots) if s is None and i not in reserved]
         if not free or not self._pending:
             return
-        if self._weights_signature() != self._weights_seen:  # loaded in place: a GRPO sync, an optimizer step
+        if signature(self._weights) != self._weights_seen:  # loaded in place: a GRPO sync, an optimizer step
             self.cached_ids = [[] for _ in self.slots]  # K/V cached from the old weights
             self.packed_bytes = cpu_pack.pack_(self.model)  # new identities: compiled graphs recompile
-            self._weights_seen = self._weights_signature()
+            self._weights_seen = signature(self._weights)
         batch: list[tuple[int, RequestHandle]] = []
         reuse: list[tuple[int, int]] = []  # per admitted request: (source slot, prompt tokens its cache holds)
         budget = self.max_prefill_tokens
