@@ -475,6 +475,9 @@ class Engine:
         self.model = model.eval()
         self.cfg = model.config
         self.packed_bytes = cpu_pack.pack_(model)  # bf16 on CPU: the weights oneDNN multiplies, packed once
+        if self.packed_bytes:
+            log.info("packed %.0f MB of bf16 weights for oneDNN (a second copy; angelmed/infer/cpu_pack.py)",
+                     self.packed_bytes / 1e6)
         self._weights = [*model.parameters(), *model.buffers()]
         self._weights_seen = signature(self._weights)
         self.tokenizer = tokenizer
