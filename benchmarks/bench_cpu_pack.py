@@ -78,7 +78,7 @@ def main() -> None:
     for preset in args.presets:
         packed = Transformer(get_preset(preset)).init_weights(0).to(torch.bfloat16).eval()
         plain = copy.deepcopy(packed)
-        model_bytes = sum(p.numel() * p.element_size() for p in packed.parameters())
+        model_bytes = sum(p.nbytes for p in packed.parameters())
         for B in args.batches:
             prompts = torch.randint(0, packed.config.vocab_size, (B, args.prompt_len), generator=g).tolist()
             row = {"preset": preset, "batch": B, "model_bytes": model_bytes}
@@ -94,7 +94,8 @@ def main() -> None:
                 row["packed_bytes"] = eng_packed.packed_bytes
                 tps = engine_tok_s({"plain": eng_plain, "packed": eng_packed}, prompts, args.new_tokens, args.reps)
                 tag = "compiled" if compile else "eager"
-                row.update({f"{tag}_plain_tok_s": round(tps["plain"], 1), f"{tag}_packed_tok_s": round(tps["packed"], 1),
+                row.update({f"{tag}_plain_tok_s": round(tps["plain"], 1),
+                            f"{tag}_packed_tok_s": round(tps["packed"], 1),
                             f"{tag}_speedup": round(tps["packed"] / tps["plain"], 2)})
                 print(f"[{preset}] batch {B:>2} {tag:>8}: plain {tps['plain']:8.1f} tok/s, packed "
                       f"{tps['packed']:8.1f} tok/s (x{tps['packed'] / tps['plain']:.2f})")

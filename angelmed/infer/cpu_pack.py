@@ -3,9 +3,9 @@
 oneDNN multiplies bf16 in a blocked weight layout. Handed a plain [N, K] weight, it reorders it on every call, so a
 GEMM of a few rows reads and writes the weight once more than it needs: a weight packed ahead streams 1.7-1.8x as
 fast at 1-64 rows (6144x512, one thread of a CPU with AMX; equal at 512 rows; bit-identical results;
-benchmarks/bench_cpu_pack.py). Decode multiplies 1-64 rows per step, so the engine packs a bf16 model's projections when it
-starts: every nn.Linear (attention, MLPs, shared experts, MTP), the output head, and, where the dense expert path
-can run (`Experts.dense_pays`, small experts only), all experts as two concatenated weights.
+benchmarks/bench_cpu_pack.py). Decode multiplies 1-64 rows per step, so the engine packs a bf16 model's projections
+when it starts: every nn.Linear (attention, MLPs, shared experts, MTP), the output head, and, where the dense expert
+path can run (`Experts.dense_pays`, small experts only), all experts as two concatenated weights.
 
 A packed copy adds its weight's bytes once more (base-100m: 183 MB on a 192 MB model, as its experts are small
 enough for the dense path; Ling-flash-2.0's are not, so it adds only its 2.4 B projection and head parameters,
@@ -67,10 +67,6 @@ def _dense_experts(model: Transformer) -> list[Experts]:
             and m.dense_pays(m.gate_proj.shape[0] // k + 1, k, m.gate_proj.device)]
 
 
-def nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _fresh(p: Packed | None) -> bool:
     return p is not None and not p.stale()
 
@@ -88,13 +84,13 @@ def pack_(model: Transformer) -> int:
             setattr(parent, name, lin)
         if isinstance(lin, PackedLinear):
             lin.packed = lin.packed if _fresh(lin.packed) else Packed(lin.weight)
-            added += nbytes(lin.weight)
+            added += lin.weight.nbytes
     model.head_packed = model.head_packed if _fresh(model.head_packed) else Packed(model.head_weight)
-    added += nbytes(model.head_weight)
+    added += model.head_weight.nbytes
     for m in _dense_experts(model):
         if not (_fresh(m.packed_gate_up) and _fresh(m.packed_down)):
             m.pack_dense()
-        added += sum(nbytes(p) for p in m.parameters())
+        added += sum(p.nbytes for p in m.parameters())
     return added
 
 
