@@ -1,4 +1,5 @@
-"""oneDNN-packed bf16 weights (infer/cpu_pack.py): the same numbers as the plain weights, never stale."""
+"""Half precision on CPU (infer/cpu_pack.py): the dtype a checkpoint runs in, and oneDNN-packed bf16 weights (the
+same numbers as the plain weights, never stale)."""
 
 import copy
 
@@ -7,13 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import angelmed.model as M
+from angelmed.checkpoint import save_model
 from angelmed.config import get_preset
 from angelmed.infer import cpu_pack
 from angelmed.infer.engine import Engine, GenerationRequest, compile_step
 from angelmed.model import Transformer
 from test_model import naive_experts, random_experts
 
-pytestmark = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+native_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                                 reason="needs a CPU whose oneDNN multiplies bf16")
 
@@ -22,6 +24,7 @@ def bf16_model(seed: int = 0) -> Transformer:
     return Transformer(get_preset("tiny")).init_weights(seed).to(torch.bfloat16).eval()
 
 
+@native_bf16
 def test_packed_linear_is_bit_identical_and_follows_in_place_updates():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
@@ -42,6 +45,7 @@ def test_packed_linear_is_bit_identical_and_follows_in_place_updates():
         assert torch.equal(packed(x.float()), F.linear(x.float(), lin.weight, lin.bias))
 
 
+@native_bf16
 @pytest.mark.parametrize("compiled", [False, True])
 def test_packed_dense_experts_equal_per_token_loop(compiled, monkeypatch):
     """Two packed GEMMs (all gates and ups in one, the down projections side by side along K, the gate weights
@@ -59,6 +63,7 @@ def test_packed_dense_experts_equal_per_token_loop(compiled, monkeypatch):
     torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
 
 
+@native_bf16
 def test_engine_packs_bf16_and_decodes_the_unpacked_tokens(monkeypatch):
     """Packed linear layers are bit-identical to plain ones: the same tokens and log-probs (experts off the dense
     path, whose packed form sums in another order). The packed copies cost their weights' bytes once more."""
@@ -83,6 +88,7 @@ def test_engine_packs_bf16_and_decodes_the_unpacked_tokens(monkeypatch):
         torch.testing.assert_close(twin(x).logits, model(x).logits, rtol=0.05, atol=0.05)
 
 
+@native_bf16
 @pytest.mark.parametrize("compiled", [False, True])
 def test_engine_repacks_after_in_place_weight_updates(compiled):
     """Weights loaded in place into an engine's model (a GRPO sync, a hot reload) are what it decodes with next,
@@ -98,6 +104,7 @@ def test_engine_repacks_after_in_place_weight_updates(compiled):
     assert got == want != before
 
 
+@native_bf16
 def test_compiled_speculative_round_runs_on_packed_weights():
     """A compiled speculative round on a packed model (its graph freezes the packed copies) gives the eager
     round's tokens."""
@@ -113,3 +120,37 @@ def test_compiled_speculative_round_runs_on_packed_weights():
     assert calls, "the compiled round never ran"
     eager = Engine(model, max_batch=1, max_seq_len=96, draft=MTPDrafter(model), spec_tokens=2)
     assert got == eager.generate(reqs())[0].token_ids
+
+
+@pytest.fixture
+def bf16_checkpoint(tmp_path):
+    save_model(Transformer(get_preset("tiny")).init_weights(0), tmp_path, dtype="bfloat16")
+    return tmp_path
+
+
+def test_bf16_checkpoint_runs_in_fp32_on_a_cpu_that_only_emulates_bf16(bf16_checkpoint, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_pack, "native_gemm", lambda dtype: dtype == torch.float32)
+    with caplog.at_level("WARNING"):
+        assert cpu_pack.inference_dtype(bf16_checkpoint) == torch.float32
+    assert "running in float32" in caplog.text and "--dtype bfloat16" in caplog.text
+    assert cpu_pack.inference_dtype(bf16_checkpoint, "bfloat16") == torch.bfloat16  # a dtype named is kept
+    assert cpu_pack.inference_dtype(bf16_checkpoint, device="meta") == torch.bfloat16  # not a CPU
+    monkeypatch.setattr(cpu_pack, "memory_bytes", lambda: 1 << 20)  # fp32 weights would not fit: bf16, slow
+    assert cpu_pack.inference_dtype(bf16_checkpoint) == torch.bfloat16
+    monkeypatch.setattr(cpu_pack, "native_gemm", lambda dtype: True)  # native bf16: the checkpoint's own
+    assert cpu_pack.inference_dtype(bf16_checkpoint) == torch.bfloat16
+
+
+def test_serve_and_eval_load_an_emulated_bf16_checkpoint_in_fp32(bf16_checkpoint, monkeypatch):
+    from angelmed.infer.backends import local_loglik_backend
+    from angelmed.serve.cli import build_engine
+    from angelmed.tokenizer import Tokenizer
+
+    monkeypatch.setattr(cpu_pack, "native_gemm", lambda dtype: dtype == torch.float32)
+    tok = Tokenizer.train(["chest pain with sweating", "call an ambulance"], 300)
+    tok.save(bf16_checkpoint)
+    engine, _ = build_engine(str(bf16_checkpoint), max_batch=1, max_seq_len=32)
+    assert engine.model.head_weight.dtype == torch.float32
+    assert local_loglik_backend(bf16_checkpoint).model.head_weight.dtype == torch.float32
+    engine, _ = build_engine(str(bf16_checkpoint), max_batch=1, max_seq_len=32, dtype="bfloat16")
+    assert engine.model.head_weight.dtype == torch.bfloat16

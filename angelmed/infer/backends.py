@@ -32,7 +32,9 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 def _load(model_dir, model, tokenizer, dtype, device) -> tuple[Transformer, Any]:
     if model is None:
         from angelmed.checkpoint import load_model
-        model = load_model(model_dir, dtype=dtype, device=device)
+        from angelmed.infer.cpu_pack import inference_dtype
+
+        model = load_model(model_dir, dtype=inference_dtype(model_dir, dtype, device), device=device)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_dir)
     return model, tokenizer

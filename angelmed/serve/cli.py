@@ -190,6 +190,9 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
 
     if quantize and fp8 == "resident":
         raise ValueError("--quantize int8 and --fp8 resident are two ways to hold the weights: choose one")
+    from angelmed.infer.cpu_pack import inference_dtype
+
+    dtype = inference_dtype(model_dir, dtype, device)  # bf16 on a CPU that only emulates it: fp32
     if quantize == "int8":  # quantised tensor by tensor while streaming from disk
         from angelmed.infer.int8 import load_int8
 
