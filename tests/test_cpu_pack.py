@@ -15,9 +15,8 @@ from angelmed.infer.engine import Engine, GenerationRequest, compile_step
 from angelmed.model import Transformer
 from test_model import naive_experts, random_experts
 
-native_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
-                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                                reason="needs a CPU whose oneDNN multiplies bf16")
+native_bf16 = pytest.mark.skipif(not cpu_pack.native_gemm(torch.bfloat16),
+                                 reason="needs a CPU whose oneDNN multiplies bf16")
 
 
 def bf16_model(seed: int = 0) -> Transformer:
