@@ -36,6 +36,7 @@ from torch import Tensor
 
 from angelmed.checkpoint import _dtype, atomic_write_text, load_model
 from angelmed.config import ModelConfig, get_preset
+from angelmed.infer.cpu_pack import native_gemm
 from angelmed.model import Transformer
 from angelmed.train import dist as tdist
 from angelmed.train.balance import ExpertBalancer, load_stats
@@ -133,8 +134,6 @@ class Trainer:
             raise TrainCheckpointError(f"checkpoint is at step {self.start_step}, beyond train.steps={t.steps}")
         self.flops_per_token = train_flops_per_token(self.mcfg, cfg.data.seq_len, self.use_mtp)
         dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-        from angelmed.infer.cpu_pack import native_gemm
-
         if info.device.type == "cpu" and not native_gemm(dtype) and info.is_main:
             log.warning("train.precision bf16 on a CPU that multiplies bf16 only by emulation (no AVX512/AMX): "
                         "several times slower than fp32 here (--train.precision fp32)")
