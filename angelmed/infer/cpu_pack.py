@@ -65,7 +65,7 @@ def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: s
     if torch.device(device).type != "cpu" or native_gemm(stored):
         return stored
     name = str(stored).removeprefix("torch.")
-    fp32, stored_bytes = checkpoint_bytes(cfg, dtype_bytes=4), checkpoint_bytes(cfg, dtype_bytes=stored.itemsize)
+    fp32 = checkpoint_bytes(cfg, dtype_bytes=4)
     if fp32 > 0.8 * memory_bytes():
         log.warning("%s: stored in %s, which this CPU multiplies only by emulation (several times slower than "
                     "float32), but float32 weights (%.1f GB) would not fit in memory: running in %s",
@@ -73,7 +73,7 @@ def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: s
         return stored
     log.warning("%s: stored in %s, which this CPU multiplies only by emulation (no AVX512/AMX): running in float32, "
                 "several times faster here, at %.1f GB of weights instead of %.1f (--dtype %s keeps %s)",
-                model_dir, name, fp32 / 1e9, stored_bytes / 1e9, name, name)
+                model_dir, name, fp32 / 1e9, checkpoint_bytes(cfg, dtype_bytes=stored.itemsize) / 1e9, name, name)
     return torch.float32
 
 
