@@ -291,14 +291,19 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor) -> Tensor:
         T, k = idx_Tk.shape
-        if self.dense_pays(T, k, x_TD.device):
-            return self._dense(x_TD, idx_Tk, w_Tk)
-        # Few (token, expert) pairs (decode): read each pair's weights where they lie, no sort, no host sync.
-        # Compiled, inductor fuses the gather into the reduction; eager on CPU the gathered copy costs more
-        # than a host sync (measured), so eager CPU takes the grouped path.
-        if self.gather_pays(T * k, x_TD.device) and (x_TD.is_cuda or torch.compiler.is_compiling()):
-            return self._gathered(x_TD, idx_Tk, w_Tk)
-        return self._grouped(x_TD, idx_Tk, w_Tk)
+        path = self.path(T, k, x_TD.device, compiled=torch.compiler.is_compiling())
+        return {"dense": self._dense, "gathered": self._gathered, "grouped": self._grouped}[path](x_TD, idx_Tk, w_Tk)
+
+    def path(self, T: int, k: int, device: torch.device, compiled: bool) -> str:
+        """Which way T tokens with k experts each go. Few (token, expert) pairs (decode): read each pair's weights
+        where they lie, no sort, no host sync; compiled, inductor fuses the gather into the reduction, but eager on
+        CPU the gathered copy costs more than a host sync (measured), so eager CPU groups. A compiled graph holds
+        one path: the engine compiles each before traffic (`Engine.warm_up`)."""
+        if self.dense_pays(T, k, device):
+            return "dense"
+        if self.gather_pays(T * k, device) and (device.type == "cuda" or compiled):
+            return "gathered"
+        return "grouped"
 
     def gather_pays(self, pairs: int, device: torch.device) -> bool:
         """Whether reading weights per (token, expert) pair beats a grouped GEMM: while pairs <= experts (measured
@@ -307,9 +312,10 @@ class Experts(nn.Module):
         but has fixed costs (a sort, a host sync, and in fp32 three GEMM calls per expert) that small experts never
         earn back. (bf16 on CPU groups with three batched GEMMs, or runs dense on AMX: no such cost.)"""
         E, hidden, dim = self.gate_proj.shape
-        expert_bytes = 3 * hidden * dim * self.gate_proj.element_size()
-        return pairs <= E or (device.type == "cpu" and self.gate_proj.dtype == torch.float32
-                              and pairs * expert_bytes <= CPU_GATHER_BYTES)
+        limit = E
+        if device.type == "cpu" and self.gate_proj.dtype == torch.float32:
+            limit = max(E, CPU_GATHER_BYTES // (3 * hidden * dim * 4))
+        return pairs <= limit  # one comparison: in a compiled graph, one guard on the row count
 
     def dense_pays(self, tokens: int, k: int, device: torch.device) -> bool:
         """Whether computing every expert for every token beats routing the pairs: on a CPU with AMX, for bf16

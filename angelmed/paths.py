@@ -21,3 +21,8 @@ def data_root(explicit: str | os.PathLike | None = None, required: bool = True) 
     if not root.is_dir():
         raise FileNotFoundError(f"data root {str(root)!r} is not a directory")
     return root
+
+
+def cache_root() -> Path:
+    """angelmed's cache directory: $XDG_CACHE_HOME/angelmed, else ~/.cache/angelmed."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "angelmed"

@@ -305,21 +305,29 @@ def test_backends_chat_and_loglik(tmp_path, model):
     assert ll.tokenizer is tok
 
 
-def test_compiled_decode_step_matches_eager(model):
-    """Engine(compile=True) (MoE experts read in place by the compiled graph) gives the eager tokens, greedy and
-    seeded sampling alike, and really runs the compiled step."""
+def test_compiled_decode_step_matches_eager(model, monkeypatch):
+    """Engine(compile=True) gives the eager tokens, greedy and seeded sampling alike, and really runs the compiled
+    step. warm_up() compiles every graph a batch of up to max_batch rows needs: decoding at each row count compiles
+    nothing more, past the count where the MoE layers stop reading each (token, expert) pair's weights in place and
+    group the pairs too (with no fp32 gather budget: past E = 8 pairs, i.e. 5 rows at k = 2). A server used to
+    stall there for a compile."""
+    import angelmed.model as model_module
     from torch._dynamo.utils import counters
 
-    ps = prompts(2, seed=9)
-    eng = Engine(model, max_batch=2, max_seq_len=96, compile=True)
+    monkeypatch.setattr(model_module, "CPU_GATHER_BYTES", 0)
+    ps = prompts(6, seed=9)
+    eng = Engine(model, max_batch=6, max_seq_len=96, compile=True)
+    assert eng.graph_rows() == [1, 2, 5]
     compiled, calls = eng._decode_compiled, []
     eng._decode_compiled = lambda *a: calls.append(a[1]) or compiled(*a)
     eng.warm_up()
     graphs = counters["stats"]["unique_graphs"]
-    greedy = eng.generate([GenerationRequest(p, max_tokens=8 + 40 * i, stop_ids=[]) for i, p in enumerate(ps)])
-    assert calls, "the compiled decode step never ran"
-    assert counters["stats"]["unique_graphs"] == graphs, "greedy decoding compiled again after warm_up()"
-    assert [r.token_ids for r in greedy] == [greedy_ref(model, p, 8 + 40 * i) for i, p in enumerate(ps)]
+    for rows in range(1, 7):
+        greedy = eng.generate([GenerationRequest(p, max_tokens=6 + 40 * (i == 0), stop_ids=[])
+                               for i, p in enumerate(ps[:rows])])
+    assert set(calls) == set(range(1, 7)), "the compiled decode step did not run at every row count"
+    assert counters["stats"]["unique_graphs"] == graphs, "a batch compiled again after warm_up()"
+    assert [r.token_ids for r in greedy] == [greedy_ref(model, p, 6 + 40 * (i == 0)) for i, p in enumerate(ps)]
     reqs = lambda: [GenerationRequest(ps[0], max_tokens=8, stop_ids=[]),  # noqa: E731
                     GenerationRequest(ps[1], max_tokens=8, stop_ids=[], temperature=0.9, top_p=0.9, seed=5)]
     got = [r.token_ids for r in eng.generate(reqs())]

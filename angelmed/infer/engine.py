@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sys
 import threading
@@ -39,11 +40,12 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Iterator, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from angelmed.infer import cpu_pack
 from angelmed.infer.sampling import apply_repetition_penalty, argmax, filter_logits
-from angelmed.model import ModelOutput, RouterInfo, Transformer, signature, write_kv
+from angelmed.model import Experts, ModelOutput, RouterInfo, Transformer, signature, write_kv
+from angelmed.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +305,9 @@ class SlotCaches:
         key = (n, S)
         if key not in self._views:
             self._views[key] = [CacheView(c.k[:n, :, :S], c.v[:n, :, :S]) for c in self.caches]
+            for view in self._views[key]:  # the length varies: a compiled step needs no graph static in it
+                torch._dynamo.maybe_mark_dynamic(view.k, 2)
+                torch._dynamo.maybe_mark_dynamic(view.v, 2)
         return self._views[key]
 
     def write_rows(self, slots: Tensor, tmp_caches: list, rows: Tensor | slice = slice(None)) -> None:
@@ -405,7 +410,12 @@ def compile_step(fn, device: torch.device, freeze: bool = False):
     then inline the parameters by reference (no copy; in-place updates stay visible), and the engine re-packs
     stale copies, which changes their identity and so recompiles. Inductor's freezing assumes the parameters come
     first among a graph's inputs, which fails when inputs alias one another (aot_autograd rewrites them): a frozen
-    graph must take no view of a tensor it also takes (speculative.SpecState slices its state inside the graph)."""
+    graph must take no view of a tensor it also takes (speculative.SpecState slices its state inside the graph).
+
+    Compiled kernels are cached in cache_root()/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise: torch's
+    default lies in /tmp, which a reboot empties, and a restarted server then compiles from scratch (`small` on a
+    2-core CPU: 58 s cold, 9 s from the cache)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type != "cpu":
         return torch.compile(fn, dynamic=None)
@@ -586,16 +596,32 @@ class Engine:
         return [h.result() for h in handles]
 
     def warm_up(self, **sampling) -> float:
-        """Compile before traffic arrives (compile=True): one row, then two, each crossing a cache-length step,
-        so the first compile and the recompile that makes batch and length dynamic happen here, not inside a
-        user's request. `sampling`: GenerationRequest settings to compile for (default greedy; each combination
-        of greedy / sampling / top-k-top-p / penalty is its own graph). Returns the seconds it took."""
+        """Compile before traffic arrives (compile=True), every graph a step of up to max_batch rows can need
+        (`graph_rows`), so that no user's request waits for a compile. `sampling`: GenerationRequest settings to
+        compile for (default greedy; each combination of greedy / sampling / top-k-top-p / penalty is its own
+        graph). Returns the seconds it took."""
         t = time.perf_counter()
         n = max(1, min(60, self.max_seq_len - 12))
-        for rows in (1, 2)[:self.max_batch]:
+        for rows in self.graph_rows():
             self.generate([GenerationRequest([0] * n, max_tokens=8, stop_ids=[], seed=0, **sampling)
                            for _ in range(rows)])
         return time.perf_counter() - t
+
+    def graph_rows(self) -> list[int]:
+        """Row counts whose compiled step is a graph of its own: 1 (one-row matmuls compile to GEMVs), 2 (the
+        rows become a dynamic size), and each count at which some MoE layer of the model or the drafter takes
+        another path (model.Experts.path; a speculative round passes rows x (spec_tokens + 1) tokens through the
+        target and rows tokens through the drafter's steps). Without this, a server compiled for 1-2 rows stalled
+        for a compile (33 s on `small`, 2-core CPU) at the first batch past 4 rows."""
+        experts = [m for net in (self.model, getattr(self.draft, "model", None)) if isinstance(net, nn.Module)
+                   for m in net.modules() if isinstance(m, Experts)]
+        k = self.cfg.num_experts_per_tok
+        per_row = (1,) if self.spec is None else (1, self.spec_tokens + 1)
+
+        def paths(rows: int) -> tuple[str, ...]:
+            return tuple(m.path(rows * t, k, self.device, compiled=True) for m in experts for t in per_row)
+
+        return [n for n in range(1, self.max_batch + 1) if n <= 2 or paths(n) != paths(n - 1)]
 
     def stream_sync(self, req: GenerationRequest) -> Iterator[Delta]:
         """Deltas of one request, blocking. Drives the engine itself unless the runner thread is on."""
