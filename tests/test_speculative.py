@@ -86,13 +86,21 @@ def test_rows_moved_by_compaction_keep_their_drafter_cache(model):
 
 def test_compiled_speculative_rounds_match_eager(model):
     """Engine(compile=True): a round (drafts, verify, acceptance) runs as one compiled graph; greedy output is
-    still plain greedy, and seeded sampling gives the eager speculative engine's tokens."""
+    still plain greedy, and seeded sampling gives the eager speculative engine's tokens. After warm_up(), rounds
+    at other cache lengths compile nothing more (a graph per length once cost a server minutes of compiling)."""
+    from torch._dynamo.utils import counters
+
     p = prompts(1, seed=14)[0]
-    eng = Engine(model, max_batch=1, max_seq_len=96, draft=MTPDrafter(model), spec_tokens=2, compile=True)
+    long = (prompts(1, seed=15)[0] * 60)[:120]  # its rounds cross cache lengths 128 and 192
+    eng = Engine(model, max_batch=1, max_seq_len=240, draft=MTPDrafter(model), spec_tokens=2, compile=True)
     compiled, calls = eng.spec._round_compiled, []
     eng.spec._round_compiled = lambda *a: calls.append(1) or compiled(*a)
-    assert eng.generate([GenerationRequest(p, max_tokens=12, stop_ids=[])])[0].token_ids == greedy_ref(model, p, 12)
+    eng.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    for q, n in ((p, 12), (long, 40)):
+        assert eng.generate([GenerationRequest(q, max_tokens=n, stop_ids=[])])[0].token_ids == greedy_ref(model, q, n)
     assert calls, "the compiled round never ran"
+    assert counters["stats"]["unique_graphs"] == graphs, "a round compiled again after warm_up()"
     sampled = lambda: [GenerationRequest(p, max_tokens=12, stop_ids=[], temperature=0.8, top_k=40,  # noqa: E731
                                          seed=3)]
     eager = Engine(model, max_batch=1, max_seq_len=96, draft=MTPDrafter(model), spec_tokens=2)

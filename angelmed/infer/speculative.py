@@ -56,7 +56,7 @@ class ContextState:
     pos_BL: Tensor
     len_B: Tensor
     n: int
-    S: int  # cache positions this round may touch (for the drafter's own cache views)
+    caches: list  # the drafter's own cache views for this round (DraftModel.views)
     temp_B: Tensor
     topk_B: Tensor
     topp_B: Tensor
@@ -80,6 +80,9 @@ class DraftModel(Protocol):
         row's end), their tokens, the prompt token after each, and the target's hidden states there. copies:
         (row, source slot, lo, hi): positions [lo, hi) the target took from that slot's cache (prefix reuse), which
         the drafter takes from its own. At most max_tokens tokens per forward (`engine.prompt_chunks`)."""
+
+    def views(self, n: int, S: int) -> list:
+        """Its cache views for a round over rows [0, n) that touches cache positions [0, S) (state.caches)."""
 
     def propose(self, state: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
         """(draft tokens [n, k], their draft distributions q [n, k, V]) for rows [0, n). q may be None when
@@ -188,8 +191,11 @@ class HiddenStateDrafter:
         full = sub.new_full((sub.shape[0], self.model.config.vocab_size), float("-inf"))
         return full.index_copy_(1, self.vocab_map, sub)  # tokens outside the draft vocabulary: q = 0
 
+    def views(self, n: int, S: int) -> list:
+        return self.kv.view(n, S)
+
     def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor | None]:
-        caches = self.kv.view(st.n, st.S)
+        caches = st.caches
         rows = torch.arange(st.n, device=st.ids_BL.device)
         h = self._run(st.ids_BL, st.hidden_BLD.to(self._dtype), st.pos_BL, caches)
         last = st.len_B - 1
@@ -280,8 +286,11 @@ class LMDrafter:
             self.model(ids_BT[:, cols], pos_BT=pos_BT[:, cols], caches=views, compute_logits=False)
         self.kv.write_rows(slots, tmp)
 
+    def views(self, n: int, S: int) -> list:
+        return self.kv.view(n, min(S + 1, self.kv.max_len))
+
     def propose(self, st: ContextState, k: int) -> tuple[Tensor, Tensor]:
-        caches = self.kv.view(st.n, min(st.S + 1, self.kv.max_len))
+        caches = st.caches
         rows = torch.arange(st.n, device=st.ids_BL.device)
         out = self.model(st.ids_BL, pos_BT=st.pos_BL + 1, caches=caches)  # token t+1 lives at position t+1
         last = st.len_B - 1
@@ -402,11 +411,11 @@ class SpecState:
         n = e.active_prefix()
         sample, filt, penalty, want_lp = e._flags(n)
         S = e.attn_len(n, extra=2 * (k + 1))
-        caches = e.kv.view(n, S)
-        if isinstance(e.draft, HiddenStateDrafter):  # views made outside compiled graphs (inside: 2x the graphs)
-            e.draft.kv.view(n, S)
+        # views made outside the compiled graph: inside, their lookup by S would compile a graph per length
+        caches, draft_caches = e.kv.view(n, S), e.draft.views(n, S)
         # drafts and verify, compiled: one graph
-        host = (self._round_compiled or self._draft_and_verify)(n, S, caches, sample, filt, penalty, want_lp)
+        host = (self._round_compiled or self._draft_and_verify)(n, caches, draft_caches, sample, filt, penalty,
+                                                                 want_lp)
         host = host.cpu()  # the round's one host copy
         tok_h = host[:, :k + 1].long().tolist()
         a_h = host[:, k + 1].long().tolist()
@@ -429,7 +438,7 @@ class SpecState:
         e.metrics.spec_accepted = self.stats.accepted
         e._accept_tokens(new, new_lp)
 
-    def _draft_and_verify(self, n: int, S: int, caches, sample: bool, filt: bool, penalty: bool,
+    def _draft_and_verify(self, n: int, caches, draft_caches, sample: bool, filt: bool, penalty: bool,
                           want_lp: bool) -> Tensor:
         # the context is sliced here, inside the graph: inputs that alias each other (a view of the state the
         # verify mutates) would keep a compiled graph from freezing its weights
@@ -438,7 +447,7 @@ class SpecState:
         st = ContextState(
             ids_BL=self.ids_BL[:n], hidden_BLD=self.hidden_BLD[:n],
             pos_BL=(pos_B - len_B)[:, None].clamp(min=0) + torch.arange(k + 1, device=e.device), len_B=len_B,
-            n=n, S=S, temp_B=e.temp_B[:n], topk_B=e.topk_B[:n], topp_B=e.topp_B[:n], seed_B=e.seed_B[:n],
+            n=n, caches=draft_caches, temp_B=e.temp_B[:n], topk_B=e.topk_B[:n], topp_B=e.topp_B[:n], seed_B=e.seed_B[:n],
             counter_B=e.counter_B[:n], sample=sample, filt=filt,
             seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
         drafts, q = e.draft.propose(st, k)
