@@ -413,8 +413,8 @@ def compile_step(fn, device: torch.device, freeze: bool = False):
     graph must take no view of a tensor it also takes (speculative.SpecState slices its state inside the graph).
 
     Compiled kernels are cached in cache_root()/inductor unless $TORCHINDUCTOR_CACHE_DIR says otherwise: torch's
-    default lies in /tmp, which a reboot empties, and a restarted server then compiles from scratch (`small` on a
-    2-core CPU: 58 s cold, 9 s from the cache)."""
+    default lies in /tmp, which a reboot empties, and a restarted server then compiles from scratch (`small` on one
+    AVX2 core: 61 s cold, 7 s from the cache; benchmarks/bench_compile.py)."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if device.type != "cpu":
@@ -612,7 +612,7 @@ class Engine:
         rows become a dynamic size), and each count at which some MoE layer of the model or the drafter takes
         another path (model.Experts.path; a speculative round passes rows x (spec_tokens + 1) tokens through the
         target and rows tokens through the drafter's steps). Without this, a server compiled for 1-2 rows stalled
-        for a compile (33 s on `small`, 2-core CPU) at the first batch past 4 rows."""
+        for a compile (about 30 s on `small`, one AVX2 core) at the first batch past 4 rows."""
         experts = [m for net in (self.model, getattr(self.draft, "model", None)) if isinstance(net, nn.Module)
                    for m in net.modules() if isinstance(m, Experts)]
         k = self.cfg.num_experts_per_tok
