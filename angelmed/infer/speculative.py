@@ -447,8 +447,8 @@ class SpecState:
         st = ContextState(
             ids_BL=self.ids_BL[:n], hidden_BLD=self.hidden_BLD[:n],
             pos_BL=(pos_B - len_B)[:, None].clamp(min=0) + torch.arange(k + 1, device=e.device), len_B=len_B,
-            n=n, caches=draft_caches, temp_B=e.temp_B[:n], topk_B=e.topk_B[:n], topp_B=e.topp_B[:n], seed_B=e.seed_B[:n],
-            counter_B=e.counter_B[:n], sample=sample, filt=filt,
+            n=n, caches=draft_caches, temp_B=e.temp_B[:n], topk_B=e.topk_B[:n], topp_B=e.topp_B[:n],
+            seed_B=e.seed_B[:n], counter_B=e.counter_B[:n], sample=sample, filt=filt,
             seen_BV=e.seen_BV[:n] if penalty else None, pen_B=e.pen_B[:n] if penalty else None)
         drafts, q = e.draft.propose(st, k)
         return self._verify(caches, n, drafts, q, sample, filt, penalty, want_lp)
