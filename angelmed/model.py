@@ -292,7 +292,7 @@ class Experts(nn.Module):
     def forward(self, x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor) -> Tensor:
         T, k = idx_Tk.shape
         path = self.path(T, k, x_TD.device, compiled=torch.compiler.is_compiling())
-        return {"dense": self._dense, "gathered": self._gathered, "grouped": self._grouped}[path](x_TD, idx_Tk, w_Tk)
+        return getattr(self, "_" + path)(x_TD, idx_Tk, w_Tk)
 
     def path(self, T: int, k: int, device: torch.device, compiled: bool) -> str:
         """Which way T tokens with k experts each go. Few (token, expert) pairs (decode): read each pair's weights
