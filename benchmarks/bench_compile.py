@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from _common import setup
+from _common import emit, setup
 
 
 def child(args) -> dict:
@@ -89,7 +89,7 @@ def main() -> None:
               "dtype": args.dtype, "threads": args.threads, **{f"{k}_{n}": v for n, r in runs.items()
                                                                for k, v in r.items()},
               "warm_up_speedup_from_cache": round(runs["cold"]["warm_up_s"] / runs["cached"]["warm_up_s"], 2)}
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

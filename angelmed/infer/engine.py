@@ -613,8 +613,8 @@ class Engine:
         another path (model.Experts.path; a speculative round passes rows x (spec_tokens + 1) tokens through the
         target and rows tokens through the drafter's steps). Without this, a server compiled for 1-2 rows stalled
         for a compile (about 30 s on `small`, one AVX2 core) at the first batch past 4 rows."""
-        experts = [m for net in (self.model, getattr(self.draft, "model", None)) if isinstance(net, nn.Module)
-                   for m in net.modules() if isinstance(m, Experts)]
+        nets = {self.model, getattr(self.draft, "model", None)}  # a set: an MTP drafter's model is the target
+        experts = [m for net in nets if isinstance(net, nn.Module) for m in net.modules() if isinstance(m, Experts)]
         k = self.cfg.num_experts_per_tok
         per_row = (1,) if self.spec is None else (1, self.spec_tokens + 1)
 
