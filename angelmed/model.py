@@ -26,11 +26,11 @@ from angelmed.config import ModelConfig
 
 # read once here: torch.compile cannot trace the probe (a graph break wherever it is called)
 CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-# fp32 on CPU, past E (token, expert) pairs: the in-place gather still beats the grouped path while the pairs'
-# weights total at most this. Measured compiled, one layer: `small` (295 KB experts) at 16 tokens (18.9 MB): gather
-# 459 us, grouped 629; base-100m (1.5 MB experts) at 8 tokens (48 MB): gather 1,822 us, grouped 1,518. Decode at
-# batch 16 on `small`: 3.6 -> 3.05 ms a step.
-CPU_GATHER_BYTES = 24 << 20
+# fp32 on CPU, past E (token, expert) pairs: the in-place gather still beats the grouped path (its C++ kernel,
+# CPU_ROWS_KERNEL_ROWS) while the pairs' weights total at most this. Measured compiled, a layer: `small` (295 KB
+# experts) at 32 pairs (9.4 MB) 0.88 ms both ways, at 64 gather 1.38 ms, kernel 0.64; base-100m (1.5 MB experts) at
+# 24 pairs (E) gather 2.27 ms, kernel 3.40.
+CPU_GATHER_BYTES = 8 << 20
 # bf16 on a CPU with AMX, past E pairs: every expert on every token beats grouping the pairs while that dense work
 # stays within this many FLOPs a layer call. Measured compiled, one layer: `small` at 128 tokens (302 MFLOP): dense
 # 838 us, grouped 884; base-100m at 16 tokens (302 MFLOP): 1,519 vs 1,608, at 20 tokens (377 MFLOP): 1,922 vs 1,684.
@@ -41,6 +41,10 @@ CPU_DENSE_FLOPS = 320e6
 # 192 -> 128) at 32 rows an expert 0.67 vs 0.76 ms, at 64 1.06 vs 0.94; base-100m (24 experts, 512 -> 256) at 5
 # rows 1.44 vs 2.01, at 11 2.38 vs 2.29, at 85 7.75 vs 4.22.
 CPU_PADDED_BMM_WORK = 1 << 20
+# fp32 on CPU, grouped, without autograd: the C++ kernel of cpu_kernels.py while the experts average at most this
+# many rows; per-expert GEMMs catch up near 20 (base-100m's MoE layers: 2.3x faster at 5 rows an expert, 1.8x at
+# 11, 1.0x at 21).
+CPU_ROWS_KERNEL_ROWS = 16
 
 
 # ---- packed weights (bf16 inference on CPU) ----------------------------------------------------
@@ -402,7 +406,21 @@ def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor
     if (x_TD.dtype == torch.bfloat16 and x_TD.device.type == "cpu"
             and idx_Tk.numel() * hidden * dim <= E * CPU_PADDED_BMM_WORK):
         ffn = padded_bmm(gate_EID, up_EID, down_EDI, skewed=ffn)
+    if _rows_kernel_pays(x_TD, idx_Tk.numel(), gate_EID, up_EID, down_EDI):
+        from angelmed import cpu_kernels
+
+        ffn = functools.partial(cpu_kernels.swiglu_rows, gate_EID=gate_EID, up_EID=up_EID, down_EDI=down_EDI)
     return sorted_by_expert(x_TD, idx_Tk, w_Tk, E, ffn)
+
+
+def _rows_kernel_pays(x_TD: Tensor, pairs: int, *weights: Tensor) -> bool:
+    """fp32 inference on CPU with few rows an expert: the C++ kernel (built on first use; False where it cannot be)."""
+    if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or pairs > CPU_ROWS_KERNEL_ROWS * weights[0].shape[0]
+            or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (x_TD, *weights))):
+        return False
+    from angelmed import cpu_kernels
+
+    return cpu_kernels.available()
 
 
 def sorted_by_expert(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, num_experts: int, ffn) -> Tensor:
