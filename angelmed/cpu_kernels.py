@@ -15,9 +15,12 @@ be built, one warning says why and the experts run the GEMM path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 
@@ -45,7 +48,10 @@ def _cpu_tag() -> str:
 
 
 def available() -> bool:
-    """Whether the kernel is loaded; builds it on the first call (about 16 s once, then cached)."""
+    """Whether the kernel is loaded; builds it on the first call (about 16 s once, then cached). While torch.compile
+    traces, only reports an earlier call's answer (False before one): the engine calls it before compiling."""
+    if torch.compiler.is_compiling():
+        return _state.get("ok", False)
     if "ok" not in _state:
         with _lock:
             if "ok" not in _state:
@@ -57,19 +63,29 @@ def _build() -> bool:
     from torch.utils import cpp_extension
 
     name = f"angelmed_expert_rows_{_cpu_tag()}"
+    if shutil.which("ninja") is None:  # the pip wheel's binary, outside PATH when the venv is not activated
+        with contextlib.suppress(ImportError):
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     build_dir = cache_root() / "extensions" / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-march=native"],
                            build_directory=str(build_dir), is_python_module=False)
-        return True
     except Exception as e:  # no compiler, no ninja, an unwritable cache: the GEMM path still runs
         log.warning("fp32 expert kernel unavailable (%s: %s); few-row experts on CPU use GEMMs, slower at decode",
                     type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
         return False
+    # its shape for torch.compile: a compiled graph calls the kernel directly, no Python between
+    torch.library.register_fake("angelmed_cpu::routed_experts")(lambda x_TD, *rest: torch.empty_like(x_TD))
+    return True
 
 
-def swiglu_rows(x_sorted: Tensor, counts_E: Tensor, gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor) -> Tensor:
-    """y[p] = down[e] (silu(gate[e] x[p]) * up[e] x[p]) for rows sorted by expert e, counts_E[e] rows each; fp32,
-    contiguous, CPU. Call `available()` first."""
-    return torch.ops.angelmed_cpu.swiglu_rows(x_sorted.contiguous(), counts_E, gate_EID, up_EID, down_EDI)
+def routed_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor, up_EID: Tensor,
+                   down_EDI: Tensor) -> Tensor:
+    """The routed experts' output (fp32, like `model.grouped_experts`): sum_j w[t, j] * expert idx[t, j] (x[t]),
+    summed in j order, so a token's result depends on its own routing only. fp32 contiguous CPU tensors; call
+    `available()` first."""
+    return torch.ops.angelmed_cpu.routed_experts(x_TD.contiguous(), idx_Tk.contiguous(), w_Tk.float().contiguous(),
+                                                 gate_EID, up_EID, down_EDI)

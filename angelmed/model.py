@@ -369,7 +369,12 @@ class Experts(nn.Module):
         return (y_TkD.float() * w_Tk[..., None]).sum(1)
 
     def _grouped(self, x_TD, idx_Tk, w_Tk):
-        return grouped_experts(x_TD, idx_Tk, w_Tk, self.gate_proj, self.up_proj, self.down_proj)
+        weights = (self.gate_proj, self.up_proj, self.down_proj)
+        if rows_kernel_pays(x_TD, idx_Tk.numel(), *weights):
+            from angelmed import cpu_kernels
+
+            return cpu_kernels.routed_experts(x_TD, idx_Tk, w_Tk, *weights)
+        return grouped_experts(x_TD, idx_Tk, w_Tk, *weights)
 
 
 def opaque_in_compiled_graphs(name: str):
@@ -406,17 +411,13 @@ def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor
     if (x_TD.dtype == torch.bfloat16 and x_TD.device.type == "cpu"
             and idx_Tk.numel() * hidden * dim <= E * CPU_PADDED_BMM_WORK):
         ffn = padded_bmm(gate_EID, up_EID, down_EDI, skewed=ffn)
-    if _rows_kernel_pays(x_TD, idx_Tk.numel(), gate_EID, up_EID, down_EDI):
-        from angelmed import cpu_kernels
-
-        ffn = functools.partial(cpu_kernels.swiglu_rows, gate_EID=gate_EID, up_EID=up_EID, down_EDI=down_EDI)
     return sorted_by_expert(x_TD, idx_Tk, w_Tk, E, ffn)
 
 
-def _rows_kernel_pays(x_TD: Tensor, pairs: int, *weights: Tensor) -> bool:
+def rows_kernel_pays(x_TD: Tensor, pairs: int, *weights: Tensor) -> bool:
     """fp32 inference on CPU with few rows an expert: the C++ kernel (built on first use; False where it cannot be)."""
     if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or pairs > CPU_ROWS_KERNEL_ROWS * weights[0].shape[0]
-            or not all(t.dtype == torch.float32 and t.is_contiguous() for t in (x_TD, *weights))):
+            or x_TD.dtype != torch.float32 or not all(t.dtype == torch.float32 and t.is_contiguous() for t in weights)):
         return False
     from angelmed import cpu_kernels
 

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,23 +18,23 @@ namespace {
 // GCC/Clang vector extension: 8 floats (one AVX2 register, two NEON ones), unaligned loads allowed.
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
-// out[r] = w . x[r] over K for R rows (x[r] = x + r * ldx): w is read once for all R rows.
+// out[r] = w . x[r] over K for R rows: w is read once for all R rows.
 template <int R>
-inline void dot_rows(const float* __restrict w, int64_t K, const float* __restrict x, int64_t ldx, float* out) {
+inline void dot_rows(const float* __restrict w, int64_t K, const float* const* x, float* out) {
   v8 lo[R], hi[R];  // two accumulators a row: FMA latency hides behind the other
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = v8{};
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     const v8 w0 = *(const v8*)(w + k), w1 = *(const v8*)(w + k + 8);
     for (int r = 0; r < R; ++r) {
-      lo[r] += w0 * *(const v8*)(x + r * ldx + k);
-      hi[r] += w1 * *(const v8*)(x + r * ldx + k + 8);
+      lo[r] += w0 * *(const v8*)(x[r] + k);
+      hi[r] += w1 * *(const v8*)(x[r] + k + 8);
     }
   }
   for (int r = 0; r < R; ++r) {
     const v8 a = lo[r] + hi[r];
     float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-    for (int64_t t = k; t < K; ++t) s += w[t] * x[r * ldx + t];
+    for (int64_t t = k; t < K; ++t) s += w[t] * x[r][t];
     out[r] = s;
   }
 }
@@ -64,60 +65,86 @@ void for_expert_rows(const std::vector<int64_t>& experts, int64_t n, F f) {
   });
 }
 
-// y[p] = down[e] (silu(gate[e] x[p]) * up[e] x[p]) for the pairs p sorted by expert, counts[e] of them for e.
-at::Tensor swiglu_rows(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& gate, const at::Tensor& up,
-                       const at::Tensor& down) {
-  TORCH_CHECK(x.dim() == 2 && gate.dim() == 3 && gate.sizes() == up.sizes() && down.dim() == 3,
-              "swiglu_rows: x [P, D], gate and up [E, I, D], down [E, D, I]");
-  const int64_t E = gate.size(0), I = gate.size(1), D = gate.size(2), P = x.size(0);
-  TORCH_CHECK(x.size(1) == D && down.size(0) == E && down.size(1) == D && down.size(2) == I,
-              "swiglu_rows: shapes disagree: x ", x.sizes(), ", gate ", gate.sizes(), ", down ", down.sizes());
-  for (const at::Tensor* t : {&x, &gate, &up, &down})
+// The routed experts' output, fp32: out[t] = sum_j w[t, j] * down[e] (silu(gate[e] x[t]) * up[e] x[t]) with
+// e = idx[t, j], summed in j order, so that a token's result depends on its own routing only.
+at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& w, const at::Tensor& gate,
+                          const at::Tensor& up, const at::Tensor& down) {
+  TORCH_CHECK(x.dim() == 2 && idx.dim() == 2 && w.sizes() == idx.sizes() && gate.dim() == 3 &&
+                  gate.sizes() == up.sizes() && down.dim() == 3,
+              "routed_experts: x [T, D], idx and w [T, k], gate and up [E, I, D], down [E, D, I]");
+  const int64_t E = gate.size(0), I = gate.size(1), D = gate.size(2), T = x.size(0), k = idx.size(1), P = T * k;
+  TORCH_CHECK(x.size(1) == D && idx.size(0) == T && down.size(0) == E && down.size(1) == D && down.size(2) == I,
+              "routed_experts: shapes disagree: x ", x.sizes(), ", idx ", idx.sizes(), ", gate ", gate.sizes(),
+              ", down ", down.sizes());
+  for (const at::Tensor* t : {&x, &w, &gate, &up, &down})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "swiglu_rows: wants contiguous float32 CPU tensors");
-  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.numel() == E,
-              "swiglu_rows: counts must be E int64 on CPU");
-  std::vector<int64_t> start(E + 1, 0), experts;
-  const int64_t* c = counts.data_ptr<int64_t>();
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK(c[e] >= 0, "swiglu_rows: negative count");
-    start[e + 1] = start[e] + c[e];
-    if (c[e]) experts.push_back(e);
-  }
-  TORCH_CHECK(start[E] == P, "swiglu_rows: counts sum to ", start[E], ", x has ", P, " rows");
+                "routed_experts: x, w and the weights must be contiguous float32 CPU tensors");
+  TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.is_contiguous(),
+              "routed_experts: idx must be contiguous int64 on CPU");
 
-  at::Tensor h = at::empty({P, I}, x.options()), y = at::empty({P, D}, x.options());
-  const float *xp = x.data_ptr<float>(), *gp = gate.data_ptr<float>(), *upp = up.data_ptr<float>(),
-              *dp = down.data_ptr<float>();
-  float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>();
+  // the pairs (t, j) grouped by expert: pair p = t * k + j sits at slot[p]; expert e holds slots start[e]..
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<int64_t> start(E + 1, 0), slot(P), token(P), experts;
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "routed_experts: expert index ", ip[p], " out of range [0, ", E, ")");
+    ++start[ip[p] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    if (start[e + 1]) experts.push_back(e);
+    start[e + 1] += start[e];
+  }
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < P; ++p) {
+    slot[p] = fill[ip[p]]++;
+    token[slot[p]] = p / k;
+  }
+
+  at::Tensor h = at::empty({P, I}, x.options()), y = at::empty({P, D}, x.options()), out = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *gp = gate.data_ptr<float>(),
+              *upp = up.data_ptr<float>(), *dp = down.data_ptr<float>();
+  float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>(), *op = out.data_ptr<float>();
   for_expert_rows(experts, I, [&](int64_t e, int64_t i0, int64_t i1) {
-    const int64_t rows = start[e + 1] - start[e];
     for (int64_t i = i0; i < i1; ++i)
-      in_blocks(rows, [&](int64_t r, auto block) {
+      in_blocks(start[e + 1] - start[e], [&](int64_t r, auto block) {
         constexpr int R = decltype(block)::value;
-        const int64_t p = start[e] + r;
+        const int64_t s = start[e] + r;
+        const float* rows[R];
+        for (int j = 0; j < R; ++j) rows[j] = xp + token[s + j] * D;
         float g[R], u[R];
-        dot_rows<R>(gp + (e * I + i) * D, D, xp + p * D, D, g);
-        dot_rows<R>(upp + (e * I + i) * D, D, xp + p * D, D, u);
-        for (int j = 0; j < R; ++j) hp[(p + j) * I + i] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+        dot_rows<R>(gp + (e * I + i) * D, D, rows, g);
+        dot_rows<R>(upp + (e * I + i) * D, D, rows, u);
+        for (int j = 0; j < R; ++j) hp[(s + j) * I + i] = g[j] / (1.f + std::exp(-g[j])) * u[j];
       });
   });
   for_expert_rows(experts, D, [&](int64_t e, int64_t d0, int64_t d1) {
-    const int64_t rows = start[e + 1] - start[e];
     for (int64_t d = d0; d < d1; ++d)
-      in_blocks(rows, [&](int64_t r, auto block) {
+      in_blocks(start[e + 1] - start[e], [&](int64_t r, auto block) {
         constexpr int R = decltype(block)::value;
-        const int64_t p = start[e] + r;
+        const int64_t s = start[e] + r;
+        const float* rows[R];
+        for (int j = 0; j < R; ++j) rows[j] = hp + (s + j) * I;
         float o[R];
-        dot_rows<R>(dp + (e * D + d) * I, I, hp + p * I, I, o);
-        for (int j = 0; j < R; ++j) yp[(p + j) * D + d] = o[j];
+        dot_rows<R>(dp + (e * D + d) * I, I, rows, o);
+        for (int j = 0; j < R; ++j) yp[(s + j) * D + d] = o[j];
       });
   });
-  return y;
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* o = op + t * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float wt = wp[t * k + j], *yr = yp + slot[t * k + j] * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += wt * yr[d];
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(angelmed_cpu, m) {
-  m.def("swiglu_rows(Tensor x, Tensor counts, Tensor gate, Tensor up, Tensor down) -> Tensor", &swiglu_rows);
+  m.def("routed_experts(Tensor x, Tensor idx, Tensor w, Tensor gate, Tensor up, Tensor down) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(angelmed_cpu, CPU, m) { m.impl("routed_experts", &routed_experts); }

@@ -42,6 +42,7 @@ from typing import AsyncIterator, Callable, Iterator, Protocol
 import torch
 from torch import Tensor, nn
 
+from angelmed import cpu_kernels
 from angelmed.infer import cpu_pack
 from angelmed.infer.sampling import apply_repetition_penalty, argmax, filter_logits
 from angelmed.model import Experts, ModelOutput, RouterInfo, Transformer, signature, write_kv
@@ -490,6 +491,8 @@ class Engine:
                      self.packed_bytes / 1e6)
         self._weights = [*model.parameters(), *model.buffers()]
         self._weights_seen = signature(self._weights)
+        if self._weights[0].device.type == "cpu" and self._weights[0].dtype == torch.float32:
+            cpu_kernels.available()  # fp32 experts: built (or found) before any graph decides its path
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or self.cfg.max_position_embeddings)

@@ -1,0 +1,108 @@
+"""The fp32 CPU expert kernel (angelmed/cpu_kernels.py) against float64 arithmetic, and where the model uses it."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import angelmed.model as M
+from angelmed import cpu_kernels
+from test_model import naive_experts, random_experts
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    assert cpu_kernels.available(), "the expert kernel did not build (see the warning logged)"
+    return cpu_kernels.routed_experts
+
+
+def routing(T, E, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(T, E, generator=g).argsort(1)[:, :k], torch.rand(T, k, generator=g)
+
+
+def experts_float64(x, idx, w, gate, up, down):
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j, e in enumerate(idx[t].tolist()):
+            h = F.silu(gate[e].double() @ x[t].double()) * (up[e].double() @ x[t].double())
+            out[t] += w[t, j].double() * (down[e].double() @ h)
+    return out
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 4, 2), (5, 3, 2), (9, 7, 3)])
+def test_equals_float64_arithmetic(kernel, T, E, k):
+    """Experts with 0-9 rows (blocks of 4, 3, 2 and 1) and widths that leave a tail past the 16-float steps."""
+    D, I = 40, 24
+    e, *_ = random_experts(E, D, I, tokens=1, seed=T)
+    x = torch.randn(T, D)
+    idx, w = routing(T, E, k, seed=T)
+    weights = (e.gate_proj.detach(), e.up_proj.detach(), e.down_proj.detach())
+    got = kernel(x, idx, w, *weights)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), experts_float64(x, idx, w, *weights), rtol=2e-5, atol=2e-5)
+
+
+def test_a_tokens_result_does_not_depend_on_its_batch(kernel):
+    """Bit for bit: a token gives the same output alone and among 11 others that share its experts (so its expert
+    rows run in blocks of 4 beside theirs): a batched decode equals one-by-one decoding exactly on this path."""
+    e, *_ = random_experts(4, 64, 32, tokens=1, seed=1)
+    weights = (e.gate_proj.detach(), e.up_proj.detach(), e.down_proj.detach())
+    x, (idx, w) = torch.randn(12, 64), routing(12, 4, 2, seed=1)
+    together = kernel(x, idx, w, *weights)
+    for t in range(12):
+        assert torch.equal(kernel(x[t:t + 1], idx[t:t + 1], w[t:t + 1], *weights)[0], together[t])
+
+
+def test_bad_inputs_name_the_problem(kernel):
+    e, *_ = random_experts(3, 16, 16, tokens=1)
+    weights = (e.gate_proj.detach(), e.up_proj.detach(), e.down_proj.detach())
+    x, (idx, w) = torch.randn(4, 16), routing(4, 3, 2)
+    with pytest.raises(RuntimeError, match=r"expert index 3 out of range \[0, 3\)"):
+        kernel(x, idx.clone().fill_(3), w, *weights)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel(x.bfloat16(), idx, w, *(t.bfloat16() for t in weights))
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        kernel(torch.randn(4, 8), idx, w, *weights)
+
+
+def test_experts_run_it_for_inference_with_few_rows(kernel, monkeypatch):
+    """Without autograd and at most CPU_ROWS_KERNEL_ROWS rows an expert on average, the grouped path runs the
+    kernel, eager and compiled (called straight from the graph), and equals the per-token loop; with autograd, or
+    more rows, it runs GEMMs."""
+    e, x, idx, w = random_experts(8, 16, 24, tokens=20, seed=3)  # 40 pairs: 5 an expert
+    want = naive_experts(e, x, idx, w).detach()
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "routed_experts", lambda *a: calls.append(1) or kernel(*a))
+    with torch.no_grad():
+        torch.testing.assert_close(e._grouped(x, idx, w), want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        monkeypatch.setattr(M, "CPU_ROWS_KERNEL_ROWS", 4)
+        torch.testing.assert_close(e._grouped(x, idx, w), want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        monkeypatch.setattr(M, "CPU_ROWS_KERNEL_ROWS", 16)
+        monkeypatch.setattr(M, "CPU_GATHER_BYTES", 0)
+        graph = []
+        compiled = torch.compile(e, fullgraph=True, backend=lambda gm, ex: graph.append(gm) or gm.forward)
+        torch.testing.assert_close(compiled(x, idx, w), want, rtol=1e-5, atol=1e-5)
+        assert "angelmed_cpu.routed_experts" in graph[0].code
+    e._grouped(x, idx, w).sum().backward()
+    assert len(calls) == 2 and e.gate_proj.grad is not None
+
+
+def test_without_a_compiler_the_gemm_path_runs(monkeypatch, caplog):
+    """A failed build warns once, names the cause, and leaves the experts on GEMMs."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(*a, **kw):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    e, x, idx, w = random_experts(8, 16, 24, tokens=6, seed=4)
+    with caplog.at_level(logging.WARNING, logger="angelmed.cpu_kernels"), torch.no_grad():
+        got = e._grouped(x, idx, w)
+        e._grouped(x, idx, w)
+    assert [r.getMessage() for r in caplog.records if "command not found" in r.getMessage()].__len__() == 1
+    torch.testing.assert_close(got, naive_experts(e, x, idx, w), rtol=1e-5, atol=1e-5)
