@@ -8,6 +8,7 @@ reads each expert's weight rows once, straight from memory, and dots every row w
 per-expert GEMMs, and the gain fades towards 20 rows an expert (benchmarks/bench_expert_rows.py). A row's result
 does not depend on the other rows beside it.
 
+`enable()` builds it and hands it to the model (model.CPU_ROWS_KERNEL; the engine calls it for fp32 CPU models).
 Built with torch.utils.cpp_extension on first use (a C++ compiler and ninja; about 16 s on 2 cores, once per CPU
 model, as it targets this CPU's vector instructions) and cached under ~/.cache/angelmed/extensions. Where it cannot
 be built, one warning says why and the experts run the GEMM path.
@@ -47,15 +48,17 @@ def _cpu_tag() -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:10]
 
 
-def available() -> bool:
-    """Whether the kernel is loaded; builds it on the first call (about 16 s once, then cached). While torch.compile
-    traces, only reports an earlier call's answer (False before one): the engine calls it before compiling."""
-    if torch.compiler.is_compiling():
-        return _state.get("ok", False)
+def enable() -> bool:
+    """Builds the kernel on the first call (about 16 s once, then cached) and hands it to the model's fp32 CPU
+    expert path; whether it is on."""
     if "ok" not in _state:
         with _lock:
             if "ok" not in _state:
                 _state["ok"] = _build()
+                if _state["ok"]:
+                    import angelmed.model
+
+                    angelmed.model.CPU_ROWS_KERNEL = routed_experts
     return _state["ok"]
 
 
@@ -86,6 +89,6 @@ def routed_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor,
                    down_EDI: Tensor) -> Tensor:
     """The routed experts' output (fp32, like `model.grouped_experts`): sum_j w[t, j] * expert idx[t, j] (x[t]),
     summed in j order, so a token's result depends on its own routing only. fp32 contiguous CPU tensors; call
-    `available()` first."""
+    `enable()` first."""
     return torch.ops.angelmed_cpu.routed_experts(x_TD.contiguous(), idx_Tk.contiguous(), w_Tk.float().contiguous(),
                                                  gate_EID, up_EID, down_EDI)

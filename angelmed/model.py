@@ -45,6 +45,9 @@ CPU_PADDED_BMM_WORK = 1 << 20
 # many rows; per-expert GEMMs catch up near 20 (base-100m's MoE layers: 2.3x faster at 5 rows an expert, 1.8x at
 # 11, 1.0x at 21).
 CPU_ROWS_KERNEL_ROWS = 16
+# that kernel, cpu_kernels.routed_experts, once `cpu_kernels.enable()` has built it (the engine calls it; this file
+# does not import it, as it also becomes the transformers remote code)
+CPU_ROWS_KERNEL = None
 
 
 # ---- packed weights (bf16 inference on CPU) ----------------------------------------------------
@@ -310,11 +313,12 @@ class Experts(nn.Module):
         return "grouped"
 
     def gather_pays(self, pairs: int, device: torch.device) -> bool:
-        """Whether reading weights per (token, expert) pair beats a grouped GEMM: while pairs <= experts (measured
-        on CPU: compiled decode 1.2-2.2x faster up to there), and for fp32 on CPU also while the pairs' weights total
-        at most CPU_GATHER_BYTES. Past the experts, pairs re-read shared experts; the grouped path reads each once
-        but has fixed costs (a sort, a host sync, and in fp32 three GEMM calls per expert) that small experts never
-        earn back. (bf16 on CPU groups with three batched GEMMs, or runs dense on AMX: no such cost.)"""
+        """Whether reading weights per (token, expert) pair beats grouping the pairs by expert: while pairs <= experts
+        (measured on CPU: compiled decode 1.2-2.2x faster up to there against per-expert GEMMs; against fp32's C++
+        kernel, small b1 0.85 vs 0.99 ms a step, base-100m b1 8.8 vs 9.6), and for fp32 on CPU also while the pairs'
+        weights total at most CPU_GATHER_BYTES. Past the experts, pairs re-read shared experts; the grouped path
+        reads each once, for fixed costs (a sort; per-expert GEMMs unless fp32 runs the kernel) that small experts
+        earn back late. (bf16 on CPU groups with three batched GEMMs, or runs dense on AMX.)"""
         E, hidden, dim = self.gate_proj.shape
         limit = E
         if device.type == "cpu" and self.gate_proj.dtype == torch.float32:
@@ -371,9 +375,7 @@ class Experts(nn.Module):
     def _grouped(self, x_TD, idx_Tk, w_Tk):
         weights = (self.gate_proj, self.up_proj, self.down_proj)
         if rows_kernel_pays(x_TD, idx_Tk.numel(), *weights):
-            from angelmed import cpu_kernels
-
-            return cpu_kernels.routed_experts(x_TD, idx_Tk, w_Tk, *weights)
+            return CPU_ROWS_KERNEL(x_TD, idx_Tk, w_Tk, *weights)
         return grouped_experts(x_TD, idx_Tk, w_Tk, *weights)
 
 
@@ -415,13 +417,10 @@ def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor
 
 
 def rows_kernel_pays(x_TD: Tensor, pairs: int, *weights: Tensor) -> bool:
-    """fp32 inference on CPU with few rows an expert: the C++ kernel (built on first use; False where it cannot be)."""
-    if (x_TD.device.type != "cpu" or torch.is_grad_enabled() or pairs > CPU_ROWS_KERNEL_ROWS * weights[0].shape[0]
-            or x_TD.dtype != torch.float32 or not all(t.dtype == torch.float32 and t.is_contiguous() for t in weights)):
-        return False
-    from angelmed import cpu_kernels
-
-    return cpu_kernels.available()
+    """fp32 inference on CPU with few rows an expert, once the kernel is enabled (CPU_ROWS_KERNEL)."""
+    return (CPU_ROWS_KERNEL is not None and x_TD.device.type == "cpu" and not torch.is_grad_enabled()
+            and pairs <= CPU_ROWS_KERNEL_ROWS * weights[0].shape[0] and x_TD.dtype == torch.float32
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in weights))
 
 
 def sorted_by_expert(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, num_experts: int, ffn) -> Tensor:

@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     setup(args.threads)
     t = time.perf_counter()
-    if not cpu_kernels.available():
+    if not cpu_kernels.enable():
         raise SystemExit("the expert kernel did not build (see the warning above)")
     print(f"kernel ready in {time.perf_counter() - t:.1f} s (a first build compiles it; later runs load it)")
     results = {"threads": torch.get_num_threads(), "runs": []}

@@ -492,7 +492,7 @@ class Engine:
         self._weights = [*model.parameters(), *model.buffers()]
         self._weights_seen = signature(self._weights)
         if self._weights[0].device.type == "cpu" and self._weights[0].dtype == torch.float32:
-            cpu_kernels.available()  # fp32 experts: built (or found) before any graph decides its path
+            cpu_kernels.enable()  # fp32 experts: built (or found) before any graph decides its path
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or self.cfg.max_position_embeddings)
