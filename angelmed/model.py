@@ -27,9 +27,11 @@ from angelmed.config import ModelConfig
 # read once here: torch.compile cannot trace the probe (a graph break wherever it is called)
 CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 # fp32 on CPU, past E (token, expert) pairs: the in-place gather still beats the grouped path (its C++ kernel,
-# CPU_ROWS_KERNEL_ROWS) while the pairs' weights total at most this. Measured compiled, a layer: `small` (295 KB
-# experts) at 32 pairs (9.4 MB) 0.88 ms both ways, at 64 gather 1.38 ms, kernel 0.64; base-100m (1.5 MB experts) at
-# 24 pairs (E) gather 2.27 ms, kernel 3.40.
+# CPU_ROWS_KERNEL_ROWS) while the pairs' weights total at most this. Measured compiled, a layer, against the kernel's
+# first version (rows sorted in PyTorch around it): `small` (295 KB experts) at 32 pairs (9.4 MB) 0.88 ms both ways,
+# at 64 gather 1.38 ms, kernel 0.64. The current kernel (sort inside) measured faster than the gather from 4 pairs
+# up on `small` and at 24 on base-100m in that layer benchmark (docs/benchmarks.md, bench_expert_rows): whole decode
+# steps have not been re-measured against it, so the gather keeps up to E pairs and this budget.
 CPU_GATHER_BYTES = 8 << 20
 # bf16 on a CPU with AMX, past E pairs: every expert on every token beats grouping the pairs while that dense work
 # stays within this many FLOPs a layer call. Measured compiled, one layer: `small` at 128 tokens (302 MFLOP): dense
@@ -314,8 +316,8 @@ class Experts(nn.Module):
 
     def gather_pays(self, pairs: int, device: torch.device) -> bool:
         """Whether reading weights per (token, expert) pair beats grouping the pairs by expert: while pairs <= experts
-        (measured on CPU: compiled decode 1.2-2.2x faster up to there against per-expert GEMMs; against fp32's C++
-        kernel, small b1 0.85 vs 0.99 ms a step, base-100m b1 8.8 vs 9.6), and for fp32 on CPU also while the pairs'
+        (measured on CPU: compiled decode 1.2-2.2x faster up to there against per-expert GEMMs; against the first
+        version of fp32's C++ kernel, small b1 0.85 vs 0.99 ms a step, base-100m b1 8.8 vs 9.6), and for fp32 on CPU also while the pairs'
         weights total at most CPU_GATHER_BYTES. Past the experts, pairs re-read shared experts; the grouped path
         reads each once, for fixed costs (a sort; per-expert GEMMs unless fp32 runs the kernel) that small experts
         earn back late. (bf16 on CPU groups with three batched GEMMs, or runs dense on AMX.)"""
