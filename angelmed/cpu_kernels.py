@@ -2,11 +2,11 @@
 
 At decode an expert multiplies the few rows routed to it, and one core of an AVX2 EPYC runs such GEMMs far below
 its memory bandwidth: MKL streams a 1536x512 fp32 weight at 6.7 GB/s for 2 rows and 4.6 GB/s for 16, oneDNN with
-the weight packed ahead at 10.8 and 5.5, where a plain read streams 14-16 GB/s. `swiglu_rows` (csrc/expert_rows.cpp)
-reads each expert's weight rows once, straight from memory, and dots every row with all of the expert's inputs,
-1-4 at a time: base-100m's MoE layers at 16 tokens (64 pairs on 24 experts) run 2.3-2.7x faster than grouped_mm's
-per-expert GEMMs, and the gain fades towards 20 rows an expert (benchmarks/bench_expert_rows.py). A row's result
-does not depend on the other rows beside it.
+the weight packed ahead at 10.8 and 5.5, where a plain read streams 14-16 GB/s. `routed_experts`
+(csrc/expert_rows.cpp) groups a layer's (token, expert) pairs by expert, reads each expert weight row once, straight
+from memory, dots it with all of the expert's inputs, 1-4 at a time, and sums each token's experts back: base-100m's
+MoE layers at 16 tokens (64 pairs on 24 experts) run 2.3x faster than grouped_mm's per-expert GEMMs, and the gain
+fades towards 20 rows an expert (benchmarks/bench_expert_rows.py). A token's result depends on its own routing only.
 
 `enable()` builds it and hands it to the model (model.CPU_ROWS_KERNEL; the engine calls it for fp32 CPU models).
 Built with torch.utils.cpp_extension on first use (a C++ compiler and ninja; about 16 s on 2 cores, once per CPU
