@@ -317,10 +317,11 @@ class Experts(nn.Module):
     def gather_pays(self, pairs: int, device: torch.device) -> bool:
         """Whether reading weights per (token, expert) pair beats grouping the pairs by expert: while pairs <= experts
         (measured on CPU: compiled decode 1.2-2.2x faster up to there against per-expert GEMMs; against the first
-        version of fp32's C++ kernel, small b1 0.85 vs 0.99 ms a step, base-100m b1 8.8 vs 9.6), and for fp32 on CPU also while the pairs'
-        weights total at most CPU_GATHER_BYTES. Past the experts, pairs re-read shared experts; the grouped path
-        reads each once, for fixed costs (a sort; per-expert GEMMs unless fp32 runs the kernel) that small experts
-        earn back late. (bf16 on CPU groups with three batched GEMMs, or runs dense on AMX.)"""
+        version of fp32's C++ kernel, small b1 0.85 vs 0.99 ms a step, base-100m b1 8.8 vs 9.6), and for fp32 on
+        CPU also while the pairs' weights total at most CPU_GATHER_BYTES. Past the experts, pairs re-read shared
+        experts; the grouped path reads each once, for fixed costs (a sort; per-expert GEMMs unless fp32 runs the
+        kernel) that small experts earn back late. (bf16 on CPU groups with three batched GEMMs, or runs dense on
+        AMX.)"""
         E, hidden, dim = self.gate_proj.shape
         limit = E
         if device.type == "cpu" and self.gate_proj.dtype == torch.float32:
