@@ -1,17 +1,20 @@
-"""A C++ kernel for the routed experts in fp32 on CPU while each expert gets few rows (decode).
+"""C++ kernels for fp32 products of few rows on CPU (decode): the routed experts, and plain linear layers.
 
 At decode an expert multiplies the few rows routed to it, and one core of an AVX2 EPYC runs such GEMMs far below
 its memory bandwidth: MKL streams a 1536x512 fp32 weight at 6.7 GB/s for 2 rows and 4.6 GB/s for 16, oneDNN with
 the weight packed ahead at 10.8 and 5.5, where a plain read streams 14-16 GB/s. `routed_experts`
-(csrc/expert_rows.cpp) groups a layer's (token, expert) pairs by expert, reads each expert weight row once, straight
+(csrc/few_rows.cpp) groups a layer's (token, expert) pairs by expert, reads each expert weight row once, straight
 from memory, dots it with all of the expert's inputs, 1-4 at a time, and sums each token's experts back: base-100m's
 MoE layers at 16 tokens (64 pairs on 24 experts) run 2.3x faster than grouped_mm's per-expert GEMMs, and the gain
 fades towards 20 rows an expert (benchmarks/bench_expert_rows.py). A token's result depends on its own routing only.
+`rows_linear` is the same product for a linear layer's weight: at 2-8 rows (a speculative verify, a small batch)
+1.3-3.0x MKL's GEMM, at 16 about even (`bench_expert_rows.py --linears`).
 
-`enable()` builds it and hands it to the model (model.CPU_ROWS_KERNEL; the engine calls it for fp32 CPU models).
-Built with torch.utils.cpp_extension on first use (a C++ compiler and ninja; about 16 s on 2 cores, once per CPU
-model, as it targets this CPU's vector instructions) and cached under ~/.cache/angelmed/extensions. Where it cannot
-be built, one warning says why and the experts run the GEMM path.
+`enable()` builds them and hands them to the model (model.CPU_ROWS_KERNEL and CPU_ROWS_LINEAR); the engine calls it
+for fp32 CPU models and swaps their nn.Linear modules for `RowsLinear` (`use_for_linears_`). Built with
+torch.utils.cpp_extension on first use (a C++ compiler and ninja; about 17 s on 2 cores, once per CPU model, as it
+targets this CPU's vector instructions) and cached under ~/.cache/angelmed/extensions. Where it cannot be built,
+one warning says why and the model runs its GEMMs.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ import threading
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+import angelmed.model as M
 from angelmed.paths import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "expert_rows.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "few_rows.cpp"
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -56,9 +61,7 @@ def enable() -> bool:
             if "ok" not in _state:
                 _state["ok"] = _build()
                 if _state["ok"]:
-                    import angelmed.model
-
-                    angelmed.model.CPU_ROWS_KERNEL = routed_experts
+                    M.CPU_ROWS_KERNEL, M.CPU_ROWS_LINEAR = routed_experts, rows_linear
     return _state["ok"]
 
 
@@ -82,6 +85,8 @@ def _build() -> bool:
         return False
     # its shape for torch.compile: a compiled graph calls the kernel directly, no Python between
     torch.library.register_fake("angelmed_cpu::routed_experts")(lambda x_TD, *rest: torch.empty_like(x_TD))
+    torch.library.register_fake("angelmed_cpu::rows_linear")(lambda x_TK, w_NK: x_TK.new_empty(x_TK.shape[0],
+                                                                                              w_NK.shape[0]))
     return True
 
 
@@ -92,3 +97,37 @@ def routed_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor,
     `enable()` first."""
     return torch.ops.angelmed_cpu.routed_experts(x_TD.contiguous(), idx_Tk.contiguous(), w_Tk.float().contiguous(),
                                                  gate_EID, up_EID, down_EDI)
+
+
+def rows_linear(x: Tensor, w_NK: Tensor) -> Tensor:
+    """x @ w_NK.T for fp32 CPU tensors with few rows (x [..., K]); row t depends on x[t] only. Call `enable()`
+    first."""
+    return torch.ops.angelmed_cpu.rows_linear(x.reshape(-1, x.shape[-1]).contiguous(), w_NK).view(
+        *x.shape[:-1], w_NK.shape[0])
+
+
+class RowsLinear(nn.Linear):
+    """nn.Linear sharing the original's parameters, whose few-row fp32 inference products run `rows_linear`."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects: no copy
+
+    def forward(self, x: Tensor) -> Tensor:
+        if M.rows_linear_pays(x, self.weight):
+            y = rows_linear(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_for_linears_(model: nn.Module) -> int:
+    """In place: every plain nn.Linear of `model` becomes a RowsLinear (same parameters, same state dict); returns
+    how many. The output head multiplies in `Transformer.logits_from_hidden`, which asks the kernel itself."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                setattr(parent, name, RowsLinear(child))
+                swapped += 1
+    return swapped

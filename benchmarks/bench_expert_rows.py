@@ -1,12 +1,14 @@
-"""Routed experts in fp32 on CPU: the C++ few-rows kernel (angelmed/cpu_kernels.py) vs per-expert GEMMs.
+"""fp32 on CPU: the C++ few-rows kernels (angelmed/cpu_kernels.py) vs the GEMMs they replace.
 
 Times one MoE layer's routed experts (group the (token, expert) pairs by expert, run every expert's SwiGLU, weight
 and sum back per token): `cpu_kernels.routed_experts` against `model.grouped_experts` (the same with grouped_mm's
-per-expert GEMMs), same weights and routing, at several token counts.
-Each timing cycles through enough layers (distinct weights, 80 MB or more) that they stream from memory, as in
+per-expert GEMMs), same weights and routing, at several token counts. `--linears`: each distinct linear shape of
+the preset (attention, dense MLP, shared expert, output head): `cpu_kernels.rows_linear` against F.linear (MKL).
+Each timing cycles through enough weights (distinct copies, 80 MB or more) that they stream from memory, as in
 decode. Also reads the same weights with `sum()` for a bandwidth reference.
 
     python benchmarks/bench_expert_rows.py [--presets small base-100m] [--tokens 1 4 16 64 128] [--threads 1]
+                                           [--linears]
 
 Last line: one JSON object with every number.
 """
@@ -17,6 +19,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from _common import emit, setup
 import angelmed.model as M
@@ -34,11 +37,34 @@ def median_ms(fn, reps: int = 15) -> float:
     return sorted(times)[reps // 2] * 1e3
 
 
+def time_linears(preset: str, cfg, tokens: list[int], g: torch.Generator) -> list[dict]:
+    D, H = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    shapes = {(qkv, D), (D, H), (cfg.intermediate_size, D), (D, cfg.intermediate_size),
+              (cfg.shared_expert_intermediate_size, D), (D, cfg.shared_expert_intermediate_size),
+              (cfg.vocab_size, D)}
+    rows = []
+    for N, K in sorted(shapes):
+        ws = [torch.randn(N, K, generator=g) for _ in range(max(2, -(-80_000_000 // (N * K * 4))))]
+        for T in tokens:
+            x = torch.randn(T, K, generator=g)
+            with torch.no_grad():
+                gemm = median_ms(lambda: [F.linear(x, w) for w in ws]) / len(ws)
+                kern = median_ms(lambda: [cpu_kernels.rows_linear(x, w) for w in ws]) / len(ws)
+                diff = (cpu_kernels.rows_linear(x, ws[0]) - F.linear(x, ws[0])).abs().max().item()
+            rows.append({"preset": preset, "linear": f"{K}->{N}", "tokens": T, "gemm_ms": round(gemm, 3),
+                         "kernel_ms": round(kern, 3), "speedup": round(gemm / kern, 2), "max_abs_diff": diff})
+            print(f"[{preset}] linear {K:5d} -> {N:5d}, {T:4d} rows: F.linear {gemm:7.3f} ms, kernel {kern:7.3f} ms: "
+                  f"x{gemm / kern:.2f} (max |diff| {diff:.1e})")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["small", "base-100m"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 128])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--linears", action="store_true", help="time the linear layers' shapes instead of the experts")
     args = ap.parse_args()
     setup(args.threads)
     t = time.perf_counter()
@@ -49,6 +75,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for preset in args.presets:
         cfg = get_preset(preset)
+        if args.linears:
+            results["runs"] += time_linears(preset, cfg, args.tokens, g)
+            continue
         E, D, I, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
         layer_bytes = 3 * E * I * D * 4
         layers = [[torch.randn(*s, generator=g) * 0.05 for s in ((E, I, D), (E, I, D), (E, D, I))]

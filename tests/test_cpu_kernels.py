@@ -109,3 +109,68 @@ def test_without_a_compiler_the_gemm_path_runs(monkeypatch, caplog):
         got = e._grouped(x, idx, w)
     assert len([r for r in caplog.records if "command not found" in r.getMessage()]) == 1
     torch.testing.assert_close(got, naive_experts(e, x, idx, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,N,K", [(1, 5, 40), (3, 7, 16), (9, 33, 70)])
+def test_rows_linear_equals_float64_arithmetic(kernel, T, N, K):
+    """Row blocks of 4, 3, 2 and 1, weight rows spread over tasks, and K past the last 16-float step."""
+    g = torch.Generator().manual_seed(T)
+    x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
+    got = cpu_kernels.rows_linear(x, w)
+    assert got.shape == (T, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=2e-5, atol=2e-5)
+    x3 = x.view(1, T, K)  # leading dims pass through, as for nn.Linear
+    assert torch.equal(cpu_kernels.rows_linear(x3, w), got.view(1, T, N))
+
+
+def test_rows_linear_row_does_not_depend_on_its_batch(kernel):
+    x, w = torch.randn(11, 64), torch.randn(48, 64)
+    together = cpu_kernels.rows_linear(x, w)
+    for t in range(11):
+        assert torch.equal(cpu_kernels.rows_linear(x[t:t + 1], w)[0], together[t])
+
+
+def test_rows_linear_bad_inputs_name_the_problem(kernel):
+    with pytest.raises(RuntimeError, match=r"x \[T, K\] and w \[N, K\]"):
+        cpu_kernels.rows_linear(torch.randn(2, 8), torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.rows_linear(torch.randn(2, 8).double(), torch.randn(4, 8).double())
+
+
+def test_engine_multiplies_few_rows_of_its_linears_with_the_kernel(kernel, monkeypatch):
+    """An fp32 CPU engine swaps its model's linear layers for RowsLinear (same parameters and state dict): batches
+    of up to CPU_ROWS_LINEAR_ROWS rows run the kernel, layers and head alike, the greedy tokens equal plain decoding,
+    and training through the swapped layers still runs autograd's GEMMs. graph_rows() gives the first batch past
+    the kernel its own compiled graph; compiled, one-row products stay inductor's."""
+    from test_engine import greedy_ref, prompts, tiny_model
+
+    from angelmed.infer.engine import Engine, GenerationRequest
+
+    model = tiny_model()
+    ps = prompts(3, seed=21)
+    want = [greedy_ref(model, p, 7) for p in ps]
+    keys = list(model.state_dict())
+    calls = []
+    monkeypatch.setattr(M, "CPU_ROWS_LINEAR", lambda x, w: calls.append(x.shape[0]) or kernel_linear(x, w))
+    kernel_linear = cpu_kernels.rows_linear
+    eng = Engine(model, max_batch=12, max_seq_len=64)
+    assert isinstance(model.model.layers[0].attention.query_key_value, cpu_kernels.RowsLinear)
+    assert list(model.state_dict()) == keys
+    assert eng.graph_rows() == [1, 2, M.CPU_ROWS_LINEAR_ROWS + 1]
+    res = eng.generate([GenerationRequest(p, max_tokens=7, stop_ids=[]) for p in ps])
+    assert [r.token_ids for r in res] == want
+    assert calls.count(3) > 0  # decode steps of 3 rows, through the kernel
+    n = len(calls)
+    model(torch.tensor([ps[0]])).logits.sum().backward()
+    assert len(calls) == n and model.model.layers[0].attention.query_key_value.weight.grad is not None
+
+    lin = model.model.layers[0].attention.dense
+    graphs = []
+    compiled = torch.compile(lin, fullgraph=True, dynamic=True,
+                             backend=lambda gm, ex: graphs.append(gm.code) or gm.forward)
+    monkeypatch.setattr(M, "CPU_ROWS_LINEAR", kernel_linear)
+    with torch.no_grad():
+        for rows in (3, 1):
+            x = torch.randn(rows, lin.in_features)
+            torch.testing.assert_close(compiled(x), x @ lin.weight.T, rtol=1e-5, atol=1e-5)
+    assert "angelmed_cpu.rows_linear" in graphs[0] and "rows_linear" not in graphs[-1]

@@ -42,6 +42,7 @@ from typing import AsyncIterator, Callable, Iterator, Protocol
 import torch
 from torch import Tensor, nn
 
+import angelmed.model as model_module
 from angelmed import cpu_kernels
 from angelmed.infer import cpu_pack
 from angelmed.infer.sampling import apply_repetition_penalty, argmax, filter_logits
@@ -492,7 +493,10 @@ class Engine:
         self._weights = [*model.parameters(), *model.buffers()]
         self._weights_seen = signature(self._weights)
         if self._weights[0].device.type == "cpu" and self._weights[0].dtype == torch.float32:
-            cpu_kernels.enable()  # fp32 experts: built (or found) before any graph decides its path
+            if cpu_kernels.enable():  # fp32 few-row products: built (or found) before any graph decides its path
+                cpu_kernels.use_for_linears_(model)
+                if draft is not None and isinstance(getattr(draft, "model", None), nn.Module):
+                    cpu_kernels.use_for_linears_(draft.model)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or self.cfg.max_position_embeddings)
@@ -613,16 +617,20 @@ class Engine:
     def graph_rows(self) -> list[int]:
         """Row counts whose compiled step is a graph of its own: 1 (one-row matmuls compile to GEMVs), 2 (the
         rows become a dynamic size), and each count at which some MoE layer of the model or the drafter takes
-        another path (model.Experts.path; a speculative round passes rows x (spec_tokens + 1) tokens through the
+        another path (model.Experts.path), or linear layers stop running the few-rows kernel
+        (model.rows_linear_pays; a speculative round passes rows x (spec_tokens + 1) tokens through the
         target and rows tokens through the drafter's steps). Without this, a server compiled for 1-2 rows stalled
         for a compile (about 30 s on `small`, one AVX2 core) at the first batch past 4 rows."""
         nets = {self.model, getattr(self.draft, "model", None)}  # a set: an MTP drafter's model is the target
         experts = [m for net in nets if isinstance(net, nn.Module) for m in net.modules() if isinstance(m, Experts)]
         k = self.cfg.num_experts_per_tok
         per_row = (1,) if self.spec is None else (1, self.spec_tokens + 1)
+        few_rows_kernel = (model_module.CPU_ROWS_LINEAR is not None and self.device.type == "cpu"
+                           and self.dtype == torch.float32)
 
-        def paths(rows: int) -> tuple[str, ...]:
-            return tuple(m.path(rows * t, k, self.device, compiled=True) for m in experts for t in per_row)
+        def paths(rows: int) -> tuple:
+            linear = [rows * t <= model_module.CPU_ROWS_LINEAR_ROWS for t in per_row] if few_rows_kernel else []
+            return (*linear, *(m.path(rows * t, k, self.device, compiled=True) for m in experts for t in per_row))
 
         return [n for n in range(1, self.max_batch + 1) if n <= 2 or paths(n) != paths(n - 1)]
 

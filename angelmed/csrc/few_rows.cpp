@@ -1,7 +1,8 @@
-// Routed-expert SwiGLU FFNs in fp32 on CPU for few rows per expert (decode). angelmed/cpu_kernels.py: when, why.
+// fp32 products of few rows on CPU (decode): routed-expert SwiGLU FFNs and plain linears. angelmed/cpu_kernels.py:
+// when, why.
 //
 // A GEMM library multiplies a few rows by streaming a weight through packing and blocking built for many rows;
-// here each weight row is read once, straight from memory, and dotted with all of its expert's rows.
+// here each weight row is read once, straight from memory, and dotted with all of the rows it multiplies.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -141,10 +142,39 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& idx, const at::
   return out;
 }
 
+// y = x w^T, fp32, for few rows of x: each row of w is read once for all of them. Row t of y depends on x[t] only.
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "rows_linear: x [T, K] and w [N, K], got x ", x.sizes(), ", w ", w.sizes());
+  for (const at::Tensor* t : {&x, &w})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "rows_linear: x and w must be contiguous float32 CPU tensors");
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({T, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      in_blocks(T, [&](int64_t r, auto block) {
+        constexpr int R = decltype(block)::value;
+        const float* rows[R];
+        for (int j = 0; j < R; ++j) rows[j] = xp + (r + j) * K;
+        float o[R];
+        dot_rows<R>(wp + n * K, K, rows, o);
+        for (int j = 0; j < R; ++j) yp[(r + j) * N + n] = o[j];
+      });
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(angelmed_cpu, m) {
   m.def("routed_experts(Tensor x, Tensor idx, Tensor w, Tensor gate, Tensor up, Tensor down) -> Tensor");
+  m.def("rows_linear(Tensor x, Tensor w) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(angelmed_cpu, CPU, m) { m.impl("routed_experts", &routed_experts); }
+TORCH_LIBRARY_IMPL(angelmed_cpu, CPU, m) {
+  m.impl("routed_experts", &routed_experts);
+  m.impl("rows_linear", &rows_linear);
+}
