@@ -54,8 +54,10 @@ CPU_ROWS_KERNEL = None
 # multiply at most this many rows with the same kernel's plain product, cpu_kernels.rows_linear. MKL's GEMM trails
 # it there: one AVX2 thread, the projections of base-100m (512 -> 768, 3072, 8192; 1536 -> 512): 2-8 rows
 # 1.3-3.0x, 16 rows 0.95-1.4x, 32 rows 0.75-1.5x (benchmarks/bench_expert_rows.py --linears). Whole eager decode
-# steps of base-100m, same process, alternating: batch 4 and 8 1.14x, batch 16 0.98x; hence 8.
+# steps of base-100m, same process, alternating: batch 4 and 8 1.14x, batch 16 0.98x; hence 8. The output head, a
+# wide weight of short rows, gains longer: at 16 rows 1.71x (base-100m, 512 -> 8192), 1.29x (small, 192 -> 6144).
 CPU_ROWS_LINEAR_ROWS = 8
+CPU_ROWS_HEAD_ROWS = 16
 CPU_ROWS_LINEAR = None
 
 
@@ -433,13 +435,14 @@ def rows_kernel_pays(x_TD: Tensor, pairs: int, *weights: Tensor) -> bool:
             and all(t.dtype == torch.float32 and t.is_contiguous() for t in weights))
 
 
-def rows_linear_pays(x: Tensor, w_NK: Tensor) -> bool:
-    """x @ w.T by CPU_ROWS_LINEAR: fp32 inference on CPU with at most CPU_ROWS_LINEAR_ROWS rows, once the kernel is
-    enabled; one-row products in a compiled graph stay inductor's fused multiply-reduce."""
+def rows_linear_pays(x: Tensor, w_NK: Tensor, max_rows: int | None = None) -> bool:
+    """x @ w.T by CPU_ROWS_LINEAR: fp32 inference on CPU with at most max_rows rows (CPU_ROWS_LINEAR_ROWS), once the
+    kernel is enabled; one-row products in a compiled graph stay inductor's fused multiply-reduce."""
     if CPU_ROWS_LINEAR is None or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
     rows = x.numel() // x.shape[-1]
-    return (x.dtype == w_NK.dtype == torch.float32 and w_NK.is_contiguous() and rows <= CPU_ROWS_LINEAR_ROWS
+    return (x.dtype == w_NK.dtype == torch.float32 and w_NK.is_contiguous()
+            and rows <= (CPU_ROWS_LINEAR_ROWS if max_rows is None else max_rows)
             and not (rows == 1 and torch.compiler.is_compiling()))
 
 
@@ -633,7 +636,7 @@ class Transformer(nn.Module):
     def logits_from_hidden(self, h_BTD: Tensor) -> Tensor:
         if self.head_packed is not None and self.head_packed.usable(h_BTD):
             return self.head_packed(h_BTD).float()
-        if rows_linear_pays(h_BTD, self.head_weight):
+        if rows_linear_pays(h_BTD, self.head_weight, CPU_ROWS_HEAD_ROWS):
             return CPU_ROWS_LINEAR(h_BTD, self.head_weight)
         return F.linear(h_BTD, self.head_weight).float()
 

@@ -139,9 +139,10 @@ def test_rows_linear_bad_inputs_name_the_problem(kernel):
 
 def test_engine_multiplies_few_rows_of_its_linears_with_the_kernel(kernel, monkeypatch):
     """An fp32 CPU engine swaps its model's linear layers for RowsLinear (same parameters and state dict): batches
-    of up to CPU_ROWS_LINEAR_ROWS rows run the kernel, layers and head alike, the greedy tokens equal plain decoding,
-    and training through the swapped layers still runs autograd's GEMMs. graph_rows() gives the first batch past
-    the kernel its own compiled graph; compiled, one-row products stay inductor's."""
+    of up to CPU_ROWS_LINEAR_ROWS rows run the kernel, layers and head alike, the head up to CPU_ROWS_HEAD_ROWS;
+    the greedy tokens equal plain decoding, and training through the swapped layers still runs autograd's GEMMs.
+    graph_rows() gives the first batch past each limit its own compiled graph; compiled, one-row products stay
+    inductor's."""
     from test_engine import greedy_ref, prompts, tiny_model
 
     from angelmed.infer.engine import Engine, GenerationRequest
@@ -151,15 +152,19 @@ def test_engine_multiplies_few_rows_of_its_linears_with_the_kernel(kernel, monke
     want = [greedy_ref(model, p, 7) for p in ps]
     keys = list(model.state_dict())
     calls = []
-    monkeypatch.setattr(M, "CPU_ROWS_LINEAR", lambda x, w: calls.append(x.shape[0]) or kernel_linear(x, w))
     kernel_linear = cpu_kernels.rows_linear
-    eng = Engine(model, max_batch=12, max_seq_len=64)
+    monkeypatch.setattr(M, "CPU_ROWS_LINEAR",
+                        lambda x, w: calls.append((x.shape[0], w.shape[0])) or kernel_linear(x, w))
+    eng = Engine(model, max_batch=20, max_seq_len=64)
     assert isinstance(model.model.layers[0].attention.query_key_value, cpu_kernels.RowsLinear)
     assert list(model.state_dict()) == keys
-    assert eng.graph_rows() == [1, 2, M.CPU_ROWS_LINEAR_ROWS + 1]
+    assert eng.graph_rows() == [1, 2, M.CPU_ROWS_LINEAR_ROWS + 1, M.CPU_ROWS_HEAD_ROWS + 1]
     res = eng.generate([GenerationRequest(p, max_tokens=7, stop_ids=[]) for p in ps])
     assert [r.token_ids for r in res] == want
-    assert calls.count(3) > 0  # decode steps of 3 rows, through the kernel
+    assert {w for rows, w in calls if rows == 3} > {model.config.vocab_size}  # 3-row steps: layers and head
+    calls.clear()
+    eng.generate([GenerationRequest(p, max_tokens=2, stop_ids=[]) for p in prompts(12, seed=22)])
+    assert {w for rows, w in calls if rows == 12} == {model.config.vocab_size}  # 12 rows: the head only
     n = len(calls)
     model(torch.tensor([ps[0]])).logits.sum().backward()
     assert len(calls) == n and model.model.layers[0].attention.query_key_value.weight.grad is not None

@@ -629,7 +629,8 @@ class Engine:
                            and self.dtype == torch.float32)
 
         def paths(rows: int) -> tuple:
-            linear = [rows * t <= model_module.CPU_ROWS_LINEAR_ROWS for t in per_row] if few_rows_kernel else []
+            limits = (model_module.CPU_ROWS_LINEAR_ROWS, model_module.CPU_ROWS_HEAD_ROWS) if few_rows_kernel else ()
+            linear = [rows * t <= n for t in per_row for n in limits]
             return (*linear, *(m.path(rows * t, k, self.device, compiled=True) for m in experts for t in per_row))
 
         return [n for n in range(1, self.max_batch + 1) if n <= 2 or paths(n) != paths(n - 1)]
