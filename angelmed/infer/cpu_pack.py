@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from angelmed.cpu_kernels import RowsLinear
 from angelmed.model import Experts, Packed, Transformer
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def pack_(model: Transformer) -> int:
         return 0
     added = 0
     for parent, name, lin in _linears(model):
-        if type(lin) is nn.Linear:
+        if type(lin) in (nn.Linear, RowsLinear):  # RowsLinear: an fp32 engine ran this model before its cast
             lin = PackedLinear(lin)
             setattr(parent, name, lin)
         if isinstance(lin, PackedLinear):

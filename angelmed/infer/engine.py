@@ -494,9 +494,9 @@ class Engine:
         self._weights_seen = signature(self._weights)
         if self._weights[0].device.type == "cpu" and self._weights[0].dtype == torch.float32:
             if cpu_kernels.enable():  # fp32 few-row products: built (or found) before any graph decides its path
-                cpu_kernels.use_for_linears_(model)
-                if draft is not None and isinstance(getattr(draft, "model", None), nn.Module):
-                    cpu_kernels.use_for_linears_(draft.model)
+                for net in (model, getattr(draft, "model", None), getattr(draft, "draft", None)):  # EAGLE: .draft
+                    if isinstance(net, nn.Module):
+                        cpu_kernels.use_for_linears_(net)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or self.cfg.max_position_embeddings)
