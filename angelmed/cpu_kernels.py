@@ -8,7 +8,7 @@ from memory, dots it with all of the expert's inputs, 1-4 at a time, and sums ea
 MoE layers at 16 tokens (64 pairs on 24 experts) run 2.3x faster than grouped_mm's per-expert GEMMs, and the gain
 fades towards 20 rows an expert (benchmarks/bench_expert_rows.py). A token's result depends on its own routing only.
 `rows_linear` is the same product for a linear layer's weight: at 2-8 rows (a speculative verify, a small batch)
-1.3-3.0x MKL's GEMM, at 16 about even (`bench_expert_rows.py --linears`).
+1.2-2.9x MKL's GEMM, at 16 about even but for the output head, 1.3-1.7x (`bench_expert_rows.py --linears`).
 
 `enable()` builds them and hands them to the model (model.CPU_ROWS_KERNEL and CPU_ROWS_LINEAR); the engine calls it
 for fp32 CPU models and swaps their nn.Linear modules for `RowsLinear` (`use_for_linears_`). Built with
