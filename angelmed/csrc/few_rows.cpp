@@ -52,6 +52,19 @@ inline void in_blocks(int64_t rows, F f) {
   }
 }
 
+// out(j, w . row(j)) for the n rows j < n, in blocks of at most 4: the weight row w is read once for all of them.
+template <typename Row, typename Out>
+inline void dot_all(const float* w, int64_t K, int64_t n, Row row, Out out) {
+  in_blocks(n, [&](int64_t r, auto block) {
+    constexpr int R = decltype(block)::value;
+    const float* rows[R];
+    for (int j = 0; j < R; ++j) rows[j] = row(r + j);
+    float o[R];
+    dot_rows<R>(w, K, rows, o);
+    for (int j = 0; j < R; ++j) out(r + j, o[j]);
+  });
+}
+
 constexpr int64_t kRowsPerTask = 32;  // weight rows per parallel task
 
 // Calls f(e, first_weight_row, end_weight_row) for every expert with pairs, its n weight rows split in tasks.
@@ -105,7 +118,7 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& idx, const at::
               *upp = up.data_ptr<float>(), *dp = down.data_ptr<float>();
   float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>(), *op = out.data_ptr<float>();
   for_expert_rows(experts, I, [&](int64_t e, int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
+    for (int64_t i = i0; i < i1; ++i)  // gate and up rows i together: each block of rows is loaded once for both
       in_blocks(start[e + 1] - start[e], [&](int64_t r, auto block) {
         constexpr int R = decltype(block)::value;
         const int64_t s = start[e] + r;
@@ -118,16 +131,10 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& idx, const at::
       });
   });
   for_expert_rows(experts, D, [&](int64_t e, int64_t d0, int64_t d1) {
+    const int64_t s = start[e], n = start[e + 1] - s;
     for (int64_t d = d0; d < d1; ++d)
-      in_blocks(start[e + 1] - start[e], [&](int64_t r, auto block) {
-        constexpr int R = decltype(block)::value;
-        const int64_t s = start[e] + r;
-        const float* rows[R];
-        for (int j = 0; j < R; ++j) rows[j] = hp + (s + j) * I;
-        float o[R];
-        dot_rows<R>(dp + (e * D + d) * I, I, rows, o);
-        for (int j = 0; j < R; ++j) yp[(s + j) * D + d] = o[j];
-      });
+      dot_all(dp + (e * D + d) * I, I, n, [&](int64_t j) { return hp + (s + j) * I; },
+              [&](int64_t j, float o) { yp[(s + j) * D + d] = o; });
   });
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -155,14 +162,8 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
-      in_blocks(T, [&](int64_t r, auto block) {
-        constexpr int R = decltype(block)::value;
-        const float* rows[R];
-        for (int j = 0; j < R; ++j) rows[j] = xp + (r + j) * K;
-        float o[R];
-        dot_rows<R>(wp + n * K, K, rows, o);
-        for (int j = 0; j < R; ++j) yp[(r + j) * N + n] = o[j];
-      });
+      dot_all(wp + n * K, K, T, [&](int64_t t) { return xp + t * K; },
+              [&](int64_t t, float o) { yp[t * N + n] = o; });
   });
   return y;
 }

@@ -625,11 +625,11 @@ class Engine:
         experts = [m for net in nets if isinstance(net, nn.Module) for m in net.modules() if isinstance(m, Experts)]
         k = self.cfg.num_experts_per_tok
         per_row = (1,) if self.spec is None else (1, self.spec_tokens + 1)
-        few_rows_kernel = (model_module.CPU_ROWS_LINEAR is not None and self.device.type == "cpu"
+        fp32_cpu_kernel = (model_module.CPU_ROWS_LINEAR is not None and self.device.type == "cpu"
                            and self.dtype == torch.float32)
+        limits = (model_module.CPU_ROWS_LINEAR_ROWS, model_module.CPU_ROWS_HEAD_ROWS) if fp32_cpu_kernel else ()
 
         def paths(rows: int) -> tuple:
-            limits = (model_module.CPU_ROWS_LINEAR_ROWS, model_module.CPU_ROWS_HEAD_ROWS) if few_rows_kernel else ()
             linear = [rows * t <= n for t in per_row for n in limits]
             return (*linear, *(m.path(rows * t, k, self.device, compiled=True) for m in experts for t in per_row))
 
