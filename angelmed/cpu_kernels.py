@@ -118,7 +118,7 @@ class RowsLinear(nn.Linear):
         if M.rows_linear_pays(x, self.weight):
             y = M.CPU_ROWS_LINEAR(x, self.weight)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, M.widened(self.weight, x), self.bias)
 
 
 def use_for_linears_(model: nn.Module) -> int:
@@ -131,3 +131,32 @@ def use_for_linears_(model: nn.Module) -> int:
                 setattr(parent, name, RowsLinear(child))
                 swapped += 1
     return swapped
+
+
+def store_bf16_(model: nn.Module) -> int:
+    """In place, for inference: when every matrix of an fp32 CPU model holds bf16 values (a bf16 checkpoint loaded in
+    fp32), the matrices go back to bf16 storage, half the memory and half the bytes a decode step streams, while the
+    arithmetic stays fp32: the kernel widens each weight as it loads it (exactly: a bf16 is the top half of an fp32),
+    and products of more rows (prefill) multiply a widened copy (model.CPU_ROWS_BF16_ROWS). Matrices are the linear
+    layers' weights, the output head's among them, and the routed experts; embeddings, norms, router and biases stay
+    fp32. Where the kernel runs the outputs equal the fp32 model's bit for bit. A model with some other value (an
+    fp32-trained one) or without the kernel is left as it is. Returns the bytes saved."""
+    if not enable():
+        return 0
+    use_for_linears_(model)  # an nn.Linear could not multiply fp32 inputs by a bf16 weight
+    mats = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    for m in model.modules():
+        if isinstance(m, M.Experts):
+            mats.update({id(p): p for p in (m.gate_proj, m.up_proj, m.down_proj)})
+    if not mats or not all(p.dtype == torch.float32 and p.device.type == "cpu" and _holds_bf16(p)
+                           for p in mats.values()):
+        return 0
+    for p in mats.values():
+        p.data = p.data.bfloat16()
+    return sum(2 * p.numel() for p in mats.values())
+
+
+def _holds_bf16(t: Tensor) -> bool:
+    """Whether every value of fp32 tensor t is a bf16 (its low 16 bits are zero), in chunks: no full-size copy."""
+    bits = t.detach().reshape(-1).view(torch.int32)
+    return not any(bool((chunk & 0xFFFF).any()) for chunk in bits.split(1 << 22))

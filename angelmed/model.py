@@ -59,6 +59,15 @@ CPU_ROWS_KERNEL = None
 CPU_ROWS_LINEAR_ROWS = 8
 CPU_ROWS_HEAD_ROWS = 16
 CPU_ROWS_LINEAR = None
+# bf16 weights with fp32 activations (a bf16 checkpoint on a CPU that only emulates bf16: cpu_kernels.store_bf16_):
+# the kernel reads them as they lie, so linears and head take it at any count up to this, one row included; past it
+# a widened fp32 copy feeds the GEMM (prefill, where the copy is small next to the GEMM)
+CPU_ROWS_BF16_ROWS = 32
+
+
+def widened(w: Tensor, x: Tensor) -> Tensor:
+    """w in x's dtype: bf16-stored weights multiplied in fp32 (`CPU_ROWS_BF16_ROWS`); w itself when they agree."""
+    return w if w.dtype == x.dtype else w.to(x.dtype)
 
 
 # ---- packed weights (bf16 inference on CPU) ----------------------------------------------------
@@ -414,7 +423,7 @@ def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor
                     down_EDI: Tensor) -> Tensor:
     """The routed experts' weighted output (fp32) with the (token, expert) pairs grouped by expert."""
     E, hidden, dim = gate_EID.shape
-    if _use_grouped_mm(x_TD, hidden):
+    if _use_grouped_mm(x_TD, hidden) and gate_EID.dtype == x_TD.dtype:
         def ffn(x_sorted, counts_E):
             offs = counts_E.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x_sorted, gate_EID.transpose(1, 2), offs=offs))
@@ -429,21 +438,34 @@ def grouped_experts(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, gate_EID: Tensor
 
 
 def rows_kernel_pays(x_TD: Tensor, pairs: int, *weights: Tensor) -> bool:
-    """fp32 inference on CPU with few rows an expert, once the kernel is enabled (CPU_ROWS_KERNEL)."""
+    """fp32 inference on CPU with few rows an expert (weights fp32 or bf16), once the kernel is enabled
+    (CPU_ROWS_KERNEL)."""
     return (CPU_ROWS_KERNEL is not None and x_TD.device.type == "cpu" and not torch.is_grad_enabled()
             and pairs <= CPU_ROWS_KERNEL_ROWS * weights[0].shape[0] and x_TD.dtype == torch.float32
-            and all(t.dtype == torch.float32 and t.is_contiguous() for t in weights))
+            and weights[0].dtype in (torch.float32, torch.bfloat16)
+            and all(t.dtype == weights[0].dtype and t.is_contiguous() for t in weights))
 
 
 def rows_linear_pays(x: Tensor, w_NK: Tensor, max_rows: int | None = None) -> bool:
     """x @ w.T by CPU_ROWS_LINEAR: fp32 inference on CPU with at most max_rows rows (CPU_ROWS_LINEAR_ROWS), once the
-    kernel is enabled; one-row products in a compiled graph stay inductor's fused multiply-reduce."""
-    if CPU_ROWS_LINEAR is None or x.device.type != "cpu" or torch.is_grad_enabled():
+    kernel is enabled; one-row products in a compiled graph stay inductor's fused multiply-reduce. bf16 weights:
+    up to CPU_ROWS_BF16_ROWS rows, one included."""
+    if (CPU_ROWS_LINEAR is None or x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != torch.float32
+            or not w_NK.is_contiguous()):
         return False
     rows = x.numel() // x.shape[-1]
-    return (x.dtype == w_NK.dtype == torch.float32 and w_NK.is_contiguous()
-            and rows <= (CPU_ROWS_LINEAR_ROWS if max_rows is None else max_rows)
+    if w_NK.dtype == torch.bfloat16:
+        return rows <= CPU_ROWS_BF16_ROWS
+    return (w_NK.dtype == torch.float32 and rows <= (CPU_ROWS_LINEAR_ROWS if max_rows is None else max_rows)
             and not (rows == 1 and torch.compiler.is_compiling()))
+
+
+def head_logits(h: Tensor, w_VD: Tensor) -> Tensor:
+    """fp32 logits h @ w.T of an output head (the model's, or a drafter's vocabulary subset of it): few rows on the
+    kernel (CPU_ROWS_HEAD_ROWS), else the GEMM."""
+    if rows_linear_pays(h, w_VD, CPU_ROWS_HEAD_ROWS):
+        return CPU_ROWS_LINEAR(h, w_VD)
+    return F.linear(h, widened(w_VD, h)).float()
 
 
 def sorted_by_expert(x_TD: Tensor, idx_Tk: Tensor, w_Tk: Tensor, num_experts: int, ffn) -> Tensor:
@@ -473,7 +495,9 @@ def expert_loop(ffn_e):
 
 
 def swiglu_loop(gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor):
-    return expert_loop(lambda e, xs: (F.silu(xs @ gate_EID[e].T) * (xs @ up_EID[e].T)) @ down_EDI[e].T)
+    # bf16-stored experts under fp32 activations widen one expert at a time
+    return expert_loop(lambda e, xs: (F.silu(xs @ widened(gate_EID[e], xs).T) * (xs @ widened(up_EID[e], xs).T))
+                       @ widened(down_EDI[e], xs).T)
 
 
 def padded_bmm(gate_EID: Tensor, up_EID: Tensor, down_EDI: Tensor, skewed):
@@ -636,9 +660,7 @@ class Transformer(nn.Module):
     def logits_from_hidden(self, h_BTD: Tensor) -> Tensor:
         if self.head_packed is not None and self.head_packed.usable(h_BTD):
             return self.head_packed(h_BTD).float()
-        if rows_linear_pays(h_BTD, self.head_weight, CPU_ROWS_HEAD_ROWS):
-            return CPU_ROWS_LINEAR(h_BTD, self.head_weight)
-        return F.linear(h_BTD, self.head_weight).float()
+        return head_logits(h_BTD, self.head_weight)
 
     def causal_mask(self, pos_BT: Tensor, segment_BT: Tensor | None, S: int | None) -> Tensor | None:
         """Boolean [B,1,T,S] mask (True = attend); None means plain causal over T (fast path)."""

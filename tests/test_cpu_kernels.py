@@ -179,3 +179,55 @@ def test_engine_multiplies_few_rows_of_its_linears_with_the_kernel(kernel, monke
             x = torch.randn(rows, lin.in_features)
             torch.testing.assert_close(compiled(x), x @ lin.weight.T, rtol=1e-5, atol=1e-5)
     assert "angelmed_cpu.rows_linear" in graphs[0] and "rows_linear" not in graphs[-1]
+
+
+def test_bf16_weights_give_the_products_of_their_fp32_values(kernel):
+    """bf16 weights are widened exactly as they are loaded: bit for bit the products of the same values in fp32
+    (row blocks of 4, 3, 2 and 1, a K tail), for linears and experts; other dtypes are named in the error."""
+    g = torch.Generator().manual_seed(5)
+    for T, N, K in [(1, 5, 40), (7, 33, 70), (16, 12, 128)]:
+        x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g).bfloat16()
+        assert torch.equal(cpu_kernels.rows_linear(x, w), cpu_kernels.rows_linear(x, w.float()))
+    e, *_ = random_experts(5, 40, 24, tokens=1, seed=6)
+    weights = [p.detach().bfloat16() for p in (e.gate_proj, e.up_proj, e.down_proj)]
+    x, (idx, w) = torch.randn(9, 40), routing(9, 5, 3, seed=6)
+    got = kernel(x, idx, w, *weights)
+    assert torch.equal(got, kernel(x, idx, w, *(t.float() for t in weights)))
+    torch.testing.assert_close(got.double(), experts_float64(x, idx, w, *weights), rtol=2e-5, atol=2e-5)
+    with pytest.raises(RuntimeError, match="weights must be float32 or bfloat16, got Half"):
+        cpu_kernels.rows_linear(x, torch.randn(4, 40).half())
+    with pytest.raises(RuntimeError, match="gate, up and down must be float32 or bfloat16, one dtype"):
+        kernel(x, idx, w, weights[0], weights[1].float(), weights[2])
+
+
+def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(kernel):
+    """A model whose values are all bf16 (a bf16 checkpoint loaded in fp32) keeps its linear weights, head and
+    experts in bf16, everything else in fp32, and gives the fp32 model's outputs bit for bit: prefill logits (wide
+    products on a widened copy) and an engine's greedy tokens and log-probs (few rows on the kernel). A model with
+    one value bf16 cannot hold is left alone."""
+    import copy
+
+    from test_engine import prompts, tiny_model
+
+    from angelmed.infer.engine import Engine, GenerationRequest
+
+    ref = tiny_model().bfloat16().float()
+    model = copy.deepcopy(ref)
+    mats = [model.head_weight] + [p for n, p in model.named_parameters() if ".experts." in n or
+                                  n.endswith(("query_key_value.weight", "dense.weight", "proj.weight"))]
+    assert cpu_kernels.store_bf16_(model) == 2 * sum(p.numel() for p in mats)
+    bf16 = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    assert bf16 == {n for n, p in model.named_parameters() if any(p is m for m in mats)}
+    assert model.model.word_embeddings.weight.dtype == model.model.norm.weight.dtype == torch.float32
+    ids = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(23))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    reqs = lambda: [GenerationRequest(p, max_tokens=6, stop_ids=[], logprobs=True) for p in prompts(3, seed=24)]  # noqa: E731
+    want, got = (Engine(m, max_batch=3, max_seq_len=48).generate(reqs()) for m in (ref, model))
+    assert [(r.token_ids, r.logprobs) for r in got] == [(r.token_ids, r.logprobs) for r in want]
+    assert got[0].logprobs is not None
+
+    other = tiny_model()
+    with torch.no_grad():
+        other.model.layers[0].attention.dense.weight[0, 0] = 1 + 2 ** -20  # not a bf16
+    assert cpu_kernels.store_bf16_(other) == 0 and {p.dtype for p in other.parameters()} == {torch.float32}

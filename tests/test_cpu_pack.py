@@ -141,15 +141,28 @@ def test_bf16_checkpoint_runs_in_fp32_on_a_cpu_that_only_emulates_bf16(bf16_chec
 
 
 def test_serve_and_eval_load_an_emulated_bf16_checkpoint_in_fp32(bf16_checkpoint, monkeypatch):
+    """fp32 arithmetic with the matrices still stored in bf16 (cpu_kernels.store_bf16_), giving the tokens of the
+    checkpoint loaded wholly in fp32; a dtype the user names is kept whole."""
     from angelmed.infer.backends import local_loglik_backend
+    from angelmed.infer.engine import GenerationRequest
     from angelmed.serve.cli import build_engine
     from angelmed.tokenizer import Tokenizer
 
     monkeypatch.setattr(cpu_pack, "native_gemm", lambda dtype: dtype == torch.float32)
     tok = Tokenizer.train(["chest pain with sweating", "call an ambulance"], 300)
     tok.save(bf16_checkpoint)
+    req = lambda: [GenerationRequest([5, 9, 14, 2], max_tokens=6, stop_ids=[])]  # noqa: E731
     engine, _ = build_engine(str(bf16_checkpoint), max_batch=1, max_seq_len=32)
-    assert engine.model.head_weight.dtype == torch.float32
-    assert local_loglik_backend(bf16_checkpoint).model.head_weight.dtype == torch.float32
+    model = engine.model
+    assert engine.dtype == model.model.word_embeddings.weight.dtype == torch.float32
+    assert model.head_weight.dtype == torch.bfloat16
+    assert model.model.layers[0].attention.query_key_value.weight.dtype == torch.bfloat16
+    got = engine.generate(req())[0].token_ids
+    backend_model = local_loglik_backend(bf16_checkpoint).model
+    assert (backend_model.head_weight.dtype, backend_model.model.word_embeddings.weight.dtype) == (
+        torch.bfloat16, torch.float32)
+    engine, _ = build_engine(str(bf16_checkpoint), max_batch=1, max_seq_len=32, dtype="float32")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.float32}
+    assert engine.generate(req())[0].token_ids == got
     engine, _ = build_engine(str(bf16_checkpoint), max_batch=1, max_seq_len=32, dtype="bfloat16")
-    assert engine.model.head_weight.dtype == torch.bfloat16
+    assert engine.model.head_weight.dtype == engine.model.model.word_embeddings.weight.dtype == torch.bfloat16

@@ -1,4 +1,5 @@
-// fp32 products of few rows on CPU (decode): routed-expert SwiGLU FFNs and plain linears. angelmed/cpu_kernels.py:
+// fp32 products of few rows on CPU (decode): routed-expert SwiGLU FFNs and plain linears, with fp32 weights or bf16
+// ones widened to fp32 as they are loaded (exact: a bf16 is the top half of an fp32). angelmed/cpu_kernels.py:
 // when, why.
 //
 // A GEMM library multiplies a few rows by streaming a weight through packing and blocking built for many rows;
@@ -7,10 +8,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -18,15 +21,22 @@ namespace {
 
 // GCC/Clang vector extension: 8 floats (one AVX2 register, two NEON ones), unaligned loads allowed.
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef uint16_t v8h __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) { return *(const v8*)p; }
+inline v8 load8(const c10::BFloat16* p) {  // 8 bf16 -> 8 fp32: zero-extend, shift into the top half, reinterpret
+  return (v8)(__builtin_convertvector(*(const v8h*)p, v8u) << 16);
+}
 
 // out[r] = w . x[r] over K for R rows: w is read once for all R rows.
-template <int R>
-inline void dot_rows(const float* __restrict w, int64_t K, const float* const* x, float* out) {
+template <int R, typename W>
+inline void dot_rows(const W* __restrict w, int64_t K, const float* const* x, float* out) {
   v8 lo[R], hi[R];  // two accumulators a row: FMA latency hides behind the other
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = v8{};
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
-    const v8 w0 = *(const v8*)(w + k), w1 = *(const v8*)(w + k + 8);
+    const v8 w0 = load8(w + k), w1 = load8(w + k + 8);
     for (int r = 0; r < R; ++r) {
       lo[r] += w0 * *(const v8*)(x[r] + k);
       hi[r] += w1 * *(const v8*)(x[r] + k + 8);
@@ -35,7 +45,8 @@ inline void dot_rows(const float* __restrict w, int64_t K, const float* const* x
   for (int r = 0; r < R; ++r) {
     const v8 a = lo[r] + hi[r];
     float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-    for (int64_t t = k; t < K; ++t) s += w[t] * x[r][t];
+    // an explicit fma: left to the compiler, the tail contracted in some instantiations and not in others
+    for (int64_t t = k; t < K; ++t) s = std::fma(static_cast<float>(w[t]), x[r][t], s);
     out[r] = s;
   }
 }
@@ -53,8 +64,8 @@ inline void in_blocks(int64_t rows, F f) {
 }
 
 // out(j, w . row(j)) for the n rows j < n, in blocks of at most 4: the weight row w is read once for all of them.
-template <typename Row, typename Out>
-inline void dot_all(const float* w, int64_t K, int64_t n, Row row, Out out) {
+template <typename W, typename Row, typename Out>
+inline void dot_all(const W* w, int64_t K, int64_t n, Row row, Out out) {
   in_blocks(n, [&](int64_t r, auto block) {
     constexpr int R = decltype(block)::value;
     const float* rows[R];
@@ -79,6 +90,23 @@ void for_expert_rows(const std::vector<int64_t>& experts, int64_t n, F f) {
   });
 }
 
+// Calls f with a null pointer of the weights' element type: float or c10::BFloat16.
+template <typename F>
+inline void with_weight_type(const at::Tensor& w, const char* op, F f) {
+  if (w.scalar_type() == at::kFloat)
+    f(static_cast<const float*>(nullptr));
+  else if (w.scalar_type() == at::kBFloat16)
+    f(static_cast<const c10::BFloat16*>(nullptr));
+  else
+    TORCH_CHECK(false, op, ": weights must be float32 or bfloat16, got ", w.scalar_type());
+}
+
+// what: "<op>: <tensor> must be <dtype name>"
+inline void check_cpu_contiguous(const at::Tensor& t, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(), what,
+              ", contiguous, on CPU; got ", t.scalar_type(), " on ", t.device(), t.is_contiguous() ? "" : ", strided");
+}
+
 // The routed experts' output, fp32: out[t] = sum_j w[t, j] * down[e] (silu(gate[e] x[t]) * up[e] x[t]) with
 // e = idx[t, j], summed in j order, so that a token's result depends on its own routing only.
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& w, const at::Tensor& gate,
@@ -90,11 +118,12 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& idx, const at::
   TORCH_CHECK(x.size(1) == D && idx.size(0) == T && down.size(0) == E && down.size(1) == D && down.size(2) == I,
               "routed_experts: shapes disagree: x ", x.sizes(), ", idx ", idx.sizes(), ", gate ", gate.sizes(),
               ", down ", down.sizes());
-  for (const at::Tensor* t : {&x, &w, &gate, &up, &down})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "routed_experts: x, w and the weights must be contiguous float32 CPU tensors");
-  TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.is_contiguous(),
-              "routed_experts: idx must be contiguous int64 on CPU");
+  check_cpu_contiguous(x, at::kFloat, "routed_experts: x must be float32");
+  check_cpu_contiguous(w, at::kFloat, "routed_experts: w must be float32");
+  for (const at::Tensor* t : {&gate, &up, &down})
+    check_cpu_contiguous(*t, gate.scalar_type(),
+                         "routed_experts: gate, up and down must be float32 or bfloat16, one dtype");
+  check_cpu_contiguous(idx, at::kLong, "routed_experts: idx must be int64");
 
   // the pairs (t, j) grouped by expert: pair p = t * k + j sits at slot[p]; expert e holds slots start[e]..
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -114,27 +143,30 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& idx, const at::
   }
 
   at::Tensor h = at::empty({P, I}, x.options()), y = at::empty({P, D}, x.options()), out = at::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *gp = gate.data_ptr<float>(),
-              *upp = up.data_ptr<float>(), *dp = down.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>(), *op = out.data_ptr<float>();
-  for_expert_rows(experts, I, [&](int64_t e, int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)  // gate and up rows i together: each block of rows is loaded once for both
-      in_blocks(start[e + 1] - start[e], [&](int64_t r, auto block) {
-        constexpr int R = decltype(block)::value;
-        const int64_t s = start[e] + r;
-        const float* rows[R];
-        for (int j = 0; j < R; ++j) rows[j] = xp + token[s + j] * D;
-        float g[R], u[R];
-        dot_rows<R>(gp + (e * I + i) * D, D, rows, g);
-        dot_rows<R>(upp + (e * I + i) * D, D, rows, u);
-        for (int j = 0; j < R; ++j) hp[(s + j) * I + i] = g[j] / (1.f + std::exp(-g[j])) * u[j];
-      });
-  });
-  for_expert_rows(experts, D, [&](int64_t e, int64_t d0, int64_t d1) {
-    const int64_t s = start[e], n = start[e + 1] - s;
-    for (int64_t d = d0; d < d1; ++d)
-      dot_all(dp + (e * D + d) * I, I, n, [&](int64_t j) { return hp + (s + j) * I; },
-              [&](int64_t j, float o) { yp[(s + j) * D + d] = o; });
+  with_weight_type(gate, "routed_experts", [&](auto type) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    const W *gp = gate.data_ptr<W>(), *upp = up.data_ptr<W>(), *dp = down.data_ptr<W>();
+    for_expert_rows(experts, I, [&](int64_t e, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)  // gate and up rows i together: each block of rows is loaded once for both
+        in_blocks(start[e + 1] - start[e], [&](int64_t r, auto block) {
+          constexpr int R = decltype(block)::value;
+          const int64_t s = start[e] + r;
+          const float* rows[R];
+          for (int j = 0; j < R; ++j) rows[j] = xp + token[s + j] * D;
+          float g[R], u[R];
+          dot_rows<R>(gp + (e * I + i) * D, D, rows, g);
+          dot_rows<R>(upp + (e * I + i) * D, D, rows, u);
+          for (int j = 0; j < R; ++j) hp[(s + j) * I + i] = g[j] / (1.f + std::exp(-g[j])) * u[j];
+        });
+    });
+    for_expert_rows(experts, D, [&](int64_t e, int64_t d0, int64_t d1) {
+      const int64_t s = start[e], n = start[e + 1] - s;
+      for (int64_t d = d0; d < d1; ++d)
+        dot_all(dp + (e * D + d) * I, I, n, [&](int64_t j) { return hp + (s + j) * I; },
+                [&](int64_t j, float o) { yp[(s + j) * D + d] = o; });
+    });
   });
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -149,21 +181,25 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& idx, const at::
   return out;
 }
 
-// y = x w^T, fp32, for few rows of x: each row of w is read once for all of them. Row t of y depends on x[t] only.
+// y = x w^T in fp32 for few rows of x (w fp32 or bf16): each row of w is read once for all of them. Row t of y
+// depends on x[t] only.
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "rows_linear: x [T, K] and w [N, K], got x ", x.sizes(), ", w ", w.sizes());
-  for (const at::Tensor* t : {&x, &w})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
-                "rows_linear: x and w must be contiguous float32 CPU tensors");
+  check_cpu_contiguous(x, at::kFloat, "rows_linear: x must be float32");
+  check_cpu_contiguous(w, w.scalar_type(), "rows_linear: w must be float32 or bfloat16");
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor y = at::empty({T, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      dot_all(wp + n * K, K, T, [&](int64_t t) { return xp + t * K; },
-              [&](int64_t t, float o) { yp[t * N + n] = o; });
+  with_weight_type(w, "rows_linear", [&](auto type) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    const W* wp = w.data_ptr<W>();
+    at::parallel_for(0, N, kRowsPerTask, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        dot_all(wp + n * K, K, T, [&](int64_t t) { return xp + t * K; },
+                [&](int64_t t, float o) { yp[t * N + n] = o; });
+    });
   });
   return y;
 }

@@ -32,9 +32,10 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 def _load(model_dir, model, tokenizer, dtype, device) -> tuple[Transformer, Any]:
     if model is None:
         from angelmed.checkpoint import load_model
-        from angelmed.infer.cpu_pack import inference_dtype
+        from angelmed.infer.cpu_pack import bf16_storage_, inference_dtype
 
         model = load_model(model_dir, dtype=inference_dtype(model_dir, dtype, device), device=device)
+        bf16_storage_(model, dtype)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_dir)
     return model, tokenizer

@@ -3,7 +3,8 @@
 Not every CPU multiplies bf16 natively. Without AVX512 or AMX (AVX2-only x86: most laptops, many EPYC servers),
 oneDNN emulates it, and a bf16 GEMM runs 2.1x (1 row), 5.5x (16 rows) and 8.8x (512 rows) slower than fp32
 (512x1536 weight, one thread of an AVX2 AMD EPYC). `inference_dtype` therefore runs a bf16 or fp16 checkpoint in
-fp32 on such a CPU when the user names no dtype and the fp32 weights fit in memory.
+fp32 on such a CPU when the user names no dtype and the fp32 weights fit in memory; `bf16_storage_` then puts the
+matrices back in bf16, which the few-rows kernel (angelmed/cpu_kernels.py) widens to fp32 as it reads them.
 
 oneDNN multiplies bf16 in a blocked weight layout. Handed a plain [N, K] weight, it reorders it on every call, so a
 GEMM of a few rows reads and writes the weight once more than it needs: a weight packed ahead streams 1.7-1.8x as
@@ -73,9 +74,28 @@ def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: s
                     model_dir, name, fp32 / 1e9, name)
         return stored
     log.warning("%s: stored in %s, which this CPU multiplies only by emulation (no AVX512/AMX): running in float32, "
-                "several times faster here, at %.1f GB of weights instead of %.1f (--dtype %s keeps %s)",
-                model_dir, name, fp32 / 1e9, checkpoint_bytes(cfg, dtype_bytes=stored.itemsize) / 1e9, name, name)
+                "several times faster here; loading takes %.1f GB instead of %.1f, and the matrices return to %s "
+                "storage where the few-rows kernel builds (`bf16_storage_`; --dtype %s keeps %s throughout)",
+                model_dir, name, fp32 / 1e9, checkpoint_bytes(cfg, dtype_bytes=stored.itemsize) / 1e9, name, name,
+                name)
     return torch.float32
+
+
+def bf16_storage_(model: nn.Module, dtype: str | torch.dtype | None) -> int:
+    """After `inference_dtype(model_dir, dtype)` chose fp32 for a bf16 checkpoint (no dtype asked for): its matrices
+    go back to bf16 storage, multiplied in fp32 by the few-rows kernel (cpu_kernels.store_bf16_: half the weight
+    memory and the bytes a decode step reads, outputs unchanged). A dtype the user named is kept whole. Returns
+    the bytes saved."""
+    p = next(model.parameters())
+    if dtype is not None or p.device.type != "cpu" or p.dtype != torch.float32 or native_gemm(torch.bfloat16):
+        return 0
+    from angelmed import cpu_kernels
+
+    saved = cpu_kernels.store_bf16_(model)
+    if saved:
+        log.info("matrices kept in bfloat16 (%.2f GB less than float32), multiplied in float32 by the few-rows "
+                 "kernel", saved / 1e9)
+    return saved
 
 
 def supported(model: nn.Module) -> bool:

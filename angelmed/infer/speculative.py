@@ -35,7 +35,7 @@ from torch import Tensor
 from angelmed.infer.engine import (SlotCaches, compile_step, gumbel_noise, process_logits, prompt_chunks,
                                    token_logprobs, uniform_noise)
 from angelmed.infer.sampling import apply_repetition_penalty, argmax
-from angelmed.model import KVCache, Transformer, rope_cos_sin
+from angelmed.model import KVCache, Transformer, head_logits, rope_cos_sin
 
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class HiddenStateDrafter:
         return o_BD
 
     def _full_logits(self, o_BD: Tensor) -> Tensor:
-        sub = F.linear(self._head_input(o_BD), self.head_W).float()
+        sub = head_logits(self._head_input(o_BD), self.head_W)
         if self.vocab_map is None:
             return sub
         full = sub.new_full((sub.shape[0], self.model.config.vocab_size), float("-inf"))
@@ -211,7 +211,7 @@ class HiddenStateDrafter:
             for _ in range(k):
                 if drafts:
                     advance(drafts[-1])
-                d = argmax(F.linear(self._head_input(g_BD), self.head_W))
+                d = argmax(head_logits(self._head_input(g_BD), self.head_W))
                 drafts.append(d if self.vocab_map is None else self.vocab_map[d])
             return torch.stack(drafts, 1), None
 
@@ -326,10 +326,10 @@ class Eagle3Drafter(HiddenStateDrafter):
 
     @torch.no_grad()
     def fuse(self, feats: list[Tensor]) -> Tensor:
-        return self.draft.fuse([f.to(self.head_W.dtype) for f in feats])
+        return self.draft.fuse([f.to(self._dtype) for f in feats])
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
-        w = self.head_W
+        w = self.model.model.word_embeddings.weight  # the activations' dtype (the head may be stored narrower)
         return KVCache(batch, max_len, self.cfg.num_key_value_heads, self.cfg.head_dim, w.dtype, w.device)
 
     def _run(self, ids_BT: Tensor, g_BTD: Tensor, pos_BT: Tensor, caches) -> Tensor:
@@ -339,7 +339,7 @@ class Eagle3Drafter(HiddenStateDrafter):
 
     @property
     def _dtype(self) -> torch.dtype:
-        return self.head_W.dtype
+        return self.model.model.word_embeddings.weight.dtype
 
     def _head_input(self, o_BD: Tensor) -> Tensor:
         return self.draft.head_input(o_BD)

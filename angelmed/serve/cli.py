@@ -190,15 +190,16 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
 
     if quantize and fp8 == "resident":
         raise ValueError("--quantize int8 and --fp8 resident are two ways to hold the weights: choose one")
-    from angelmed.infer.cpu_pack import inference_dtype
+    from angelmed.infer.cpu_pack import bf16_storage_, inference_dtype
 
-    dtype = inference_dtype(model_dir, dtype, device)  # bf16 on a CPU that only emulates it: fp32
+    asked, dtype = dtype, inference_dtype(model_dir, dtype, device)  # bf16 on a CPU that only emulates it: fp32
     if quantize == "int8":  # quantised tensor by tensor while streaming from disk
         from angelmed.infer.int8 import load_int8
 
         model = load_int8(model_dir, dtype=dtype, device=device)
     else:
         model = load_fp8(model_dir, mode=fp8, dtype=dtype, device=device)
+        bf16_storage_(model, asked)  # ... with its matrices still stored in bf16
     tokenizer = tokenizer or load_tokenizer(model_dir)
     drafter = make_drafter(model, draft, dtype, device, model_dir)
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
