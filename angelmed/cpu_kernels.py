@@ -10,6 +10,10 @@ fades towards 20 rows an expert (benchmarks/bench_expert_rows.py). A token's res
 `rows_linear` is the same product for a linear layer's weight: at 2-8 rows (a speculative verify, a small batch)
 1.2-2.9x MKL's GEMM, at 16 about even but for the output head, 1.3-1.7x (`bench_expert_rows.py --linears`).
 
+Both read fp32 weights or bf16 ones, widened to fp32 as they are loaded (exact), so that a bf16 checkpoint on a CPU
+that only emulates bf16 keeps its matrices in bf16 while it computes in fp32 (`store_bf16_`: half the weight memory;
+base-100m's compiled batch-1 decode 1.47x faster, `benchmarks/bench_bf16_storage.py`).
+
 `enable()` builds them and hands them to the model (model.CPU_ROWS_KERNEL and CPU_ROWS_LINEAR); the engine calls it
 for fp32 CPU models and swaps their nn.Linear modules for `RowsLinear` (`use_for_linears_`). Built with
 torch.utils.cpp_extension on first use (a C++ compiler and ninja; about 17 s on 2 cores, once per CPU model, as it
