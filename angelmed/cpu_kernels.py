@@ -141,7 +141,7 @@ def store_bf16_(model: nn.Module) -> int:
     """In place, for inference: when every matrix of an fp32 CPU model holds bf16 values (a bf16 checkpoint loaded in
     fp32), the matrices go back to bf16 storage, half the memory and half the bytes a decode step streams, while the
     arithmetic stays fp32: the kernel widens each weight as it loads it (exactly: a bf16 is the top half of an fp32),
-    and products of more rows (prefill) multiply a widened copy (model.CPU_ROWS_BF16_ROWS). Matrices are the linear
+    and products of more rows (prefill) multiply a widened copy (model.widened). Matrices are the linear
     layers' weights, the output head's among them, and the routed experts; embeddings, norms, router and biases stay
     fp32. Where the kernel runs the outputs equal the fp32 model's bit for bit. A model with some other value (an
     fp32-trained one) or without the kernel is left as it is. Returns the bytes saved."""

@@ -59,14 +59,14 @@ CPU_ROWS_KERNEL = None
 CPU_ROWS_LINEAR_ROWS = 8
 CPU_ROWS_HEAD_ROWS = 16
 CPU_ROWS_LINEAR = None
-# bf16 weights with fp32 activations (a bf16 checkpoint on a CPU that only emulates bf16: cpu_kernels.store_bf16_):
-# the kernel reads them as they lie, so linears and head take it at any count up to this, one row included; past it
-# a widened fp32 copy feeds the GEMM (prefill, where the copy is small next to the GEMM)
-CPU_ROWS_BF16_ROWS = 32
 
 
 def widened(w: Tensor, x: Tensor) -> Tensor:
-    """w in x's dtype: bf16-stored weights multiplied in fp32 (`CPU_ROWS_BF16_ROWS`); w itself when they agree."""
+    """w in x's dtype, w itself when they agree. bf16 weights under fp32 activations (a bf16 checkpoint on a CPU that
+    only emulates bf16: cpu_kernels.store_bf16_) multiply a widened copy past the few-rows kernel's limits above; the
+    kernel reads them as they lie, one row included (base-100m's shapes against this copy and MKL: 1-8 rows
+    0.9-3.3x, the head 3.3-5.6x; 16 rows 0.75-1.1x, the head 2.7x; `bench_expert_rows.py --linears --weights
+    bfloat16`)."""
     return w if w.dtype == x.dtype else w.to(x.dtype)
 
 
@@ -447,17 +447,17 @@ def rows_kernel_pays(x_TD: Tensor, pairs: int, *weights: Tensor) -> bool:
 
 
 def rows_linear_pays(x: Tensor, w_NK: Tensor, max_rows: int | None = None) -> bool:
-    """x @ w.T by CPU_ROWS_LINEAR: fp32 inference on CPU with at most max_rows rows (CPU_ROWS_LINEAR_ROWS), once the
-    kernel is enabled; one-row products in a compiled graph stay inductor's fused multiply-reduce. bf16 weights:
-    up to CPU_ROWS_BF16_ROWS rows, one included."""
+    """x @ w.T by CPU_ROWS_LINEAR: fp32 inference on CPU (weights fp32 or bf16) with at most max_rows rows
+    (CPU_ROWS_LINEAR_ROWS), once the kernel is enabled. One-row products of fp32 weights in a compiled graph stay
+    inductor's fused multiply-reduce; bf16 weights take the kernel there too (else a widened copy)."""
     if (CPU_ROWS_LINEAR is None or x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != torch.float32
             or not w_NK.is_contiguous()):
         return False
     rows = x.numel() // x.shape[-1]
-    if w_NK.dtype == torch.bfloat16:
-        return rows <= CPU_ROWS_BF16_ROWS
-    return (w_NK.dtype == torch.float32 and rows <= (CPU_ROWS_LINEAR_ROWS if max_rows is None else max_rows)
-            and not (rows == 1 and torch.compiler.is_compiling()))
+    if rows > (CPU_ROWS_LINEAR_ROWS if max_rows is None else max_rows):
+        return False
+    return w_NK.dtype == torch.bfloat16 or (w_NK.dtype == torch.float32
+                                            and not (rows == 1 and torch.compiler.is_compiling()))
 
 
 def head_logits(h: Tensor, w_VD: Tensor) -> Tensor:

@@ -3,12 +3,14 @@
 Times one MoE layer's routed experts (group the (token, expert) pairs by expert, run every expert's SwiGLU, weight
 and sum back per token): `cpu_kernels.routed_experts` against `model.grouped_experts` (the same with grouped_mm's
 per-expert GEMMs), same weights and routing, at several token counts. `--linears`: each distinct linear shape of
-the preset (attention, dense MLP, shared expert, output head): `cpu_kernels.rows_linear` against F.linear (MKL).
+the preset (attention, dense MLP, shared expert, output head): `cpu_kernels.rows_linear` against F.linear (MKL);
+with `--weights bfloat16`, the kernel reading bf16 weights against what the model does past its bf16 limit
+(`model.CPU_ROWS_BF16_ROWS`): F.linear on a widened fp32 copy.
 Each timing cycles through enough weights (distinct copies, 80 MB or more) that they stream from memory, as in
 decode. Also reads the same weights with `sum()` for a bandwidth reference.
 
     python benchmarks/bench_expert_rows.py [--presets small base-100m] [--tokens 1 4 16 64 128] [--threads 1]
-                                           [--linears]
+                                           [--linears [--weights bfloat16]]
 
 Last line: one JSON object with every number.
 """
@@ -37,7 +39,7 @@ def median_ms(fn, reps: int = 15) -> float:
     return sorted(times)[reps // 2] * 1e3
 
 
-def time_linears(preset: str, cfg, tokens: list[int], g: torch.Generator) -> list[dict]:
+def time_linears(preset: str, cfg, tokens: list[int], g: torch.Generator, dtype: torch.dtype) -> list[dict]:
     D, H = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
     qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     shapes = {(qkv, D), (D, H), (cfg.intermediate_size, D), (D, cfg.intermediate_size),
@@ -45,16 +47,19 @@ def time_linears(preset: str, cfg, tokens: list[int], g: torch.Generator) -> lis
               (cfg.vocab_size, D)}
     rows = []
     for N, K in sorted(shapes):
-        ws = [torch.randn(N, K, generator=g) for _ in range(max(2, -(-80_000_000 // (N * K * 4))))]
+        ws = [torch.randn(N, K, generator=g).to(dtype)
+              for _ in range(max(2, -(-80_000_000 // (N * K * dtype.itemsize))))]
         for T in tokens:
             x = torch.randn(T, K, generator=g)
             with torch.no_grad():
-                gemm = median_ms(lambda: [F.linear(x, w) for w in ws]) / len(ws)
+                gemm = median_ms(lambda: [F.linear(x, M.widened(w, x)) for w in ws]) / len(ws)
                 kern = median_ms(lambda: [cpu_kernels.rows_linear(x, w) for w in ws]) / len(ws)
-                diff = (cpu_kernels.rows_linear(x, ws[0]) - F.linear(x, ws[0])).abs().max().item()
-            rows.append({"preset": preset, "linear": f"{K}->{N}", "tokens": T, "gemm_ms": round(gemm, 3),
+                diff = (cpu_kernels.rows_linear(x, ws[0]) - F.linear(x, M.widened(ws[0], x))).abs().max().item()
+            rows.append({"preset": preset, "linear": f"{K}->{N}", "weights": str(dtype).removeprefix("torch."),
+                         "tokens": T, "gemm_ms": round(gemm, 3),
                          "kernel_ms": round(kern, 3), "speedup": round(gemm / kern, 2), "max_abs_diff": diff})
-            print(f"[{preset}] linear {K:5d} -> {N:5d}, {T:4d} rows: F.linear {gemm:7.3f} ms, kernel {kern:7.3f} ms: "
+            base = "F.linear" if dtype == torch.float32 else "widened F.linear"
+            print(f"[{preset}] linear {K:5d} -> {N:5d}, {T:4d} rows: {base} {gemm:7.3f} ms, kernel {kern:7.3f} ms: "
                   f"x{gemm / kern:.2f} (max |diff| {diff:.1e})")
     return rows
 
@@ -65,6 +70,8 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 128])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--linears", action="store_true", help="time the linear layers' shapes instead of the experts")
+    ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16"],
+                    help="--linears: the weights' dtype (activations stay fp32)")
     args = ap.parse_args()
     setup(args.threads)
     t = time.perf_counter()
@@ -76,7 +83,7 @@ def main() -> None:
     for preset in args.presets:
         cfg = get_preset(preset)
         if args.linears:
-            results["runs"] += time_linears(preset, cfg, args.tokens, g)
+            results["runs"] += time_linears(preset, cfg, args.tokens, g, getattr(torch, args.weights))
             continue
         E, D, I, k = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
         layer_bytes = 3 * E * I * D * 4

@@ -204,7 +204,7 @@ def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(ke
     """A model whose values are all bf16 (a bf16 checkpoint loaded in fp32) keeps its linear weights, head and
     experts in bf16, everything else in fp32, and gives the fp32 model's outputs bit for bit: prefill logits (wide
     products on a widened copy) and an engine's greedy tokens and log-probs (few rows on the kernel). A model with
-    one value bf16 cannot hold is left alone."""
+    one value bf16 cannot hold is left alone. Compiled, a bf16 weight's one-row product runs the kernel as well."""
     import copy
 
     from test_engine import prompts, tiny_model
@@ -226,6 +226,16 @@ def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(ke
     want, got = (Engine(m, max_batch=3, max_seq_len=48).generate(reqs()) for m in (ref, model))
     assert [(r.token_ids, r.logprobs) for r in got] == [(r.token_ids, r.logprobs) for r in want]
     assert got[0].logprobs is not None
+
+    lin = model.model.layers[0].attention.dense  # compiled: one row runs the kernel too, 12 rows a widened copy
+    graphs = []
+    compiled = torch.compile(lin, fullgraph=True, dynamic=False,
+                             backend=lambda gm, ex: graphs.append(gm.code) or gm.forward)
+    with torch.no_grad():
+        for rows in (1, 12):
+            x = torch.randn(rows, lin.in_features)
+            torch.testing.assert_close(compiled(x), x @ lin.weight.float().T, rtol=1e-5, atol=1e-5)
+    assert "angelmed_cpu.rows_linear" in graphs[0] and "rows_linear" not in graphs[1]
 
     other = tiny_model()
     with torch.no_grad():

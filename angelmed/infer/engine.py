@@ -628,8 +628,6 @@ class Engine:
         fp32_cpu_kernel = (model_module.CPU_ROWS_LINEAR is not None and self.device.type == "cpu"
                            and self.dtype == torch.float32)
         limits = (model_module.CPU_ROWS_LINEAR_ROWS, model_module.CPU_ROWS_HEAD_ROWS) if fp32_cpu_kernel else ()
-        if fp32_cpu_kernel and any(w.dtype == torch.bfloat16 for w in self._weights):  # cpu_kernels.store_bf16_
-            limits += (model_module.CPU_ROWS_BF16_ROWS,)
 
         def paths(rows: int) -> tuple:
             linear = [rows * t <= n for t in per_row for n in limits]
