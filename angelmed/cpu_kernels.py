@@ -12,7 +12,7 @@ fades towards 20 rows an expert (benchmarks/bench_expert_rows.py). A token's res
 
 Both read fp32 weights or bf16 ones, widened to fp32 as they are loaded (exact), so that a bf16 checkpoint on a CPU
 that only emulates bf16 keeps its matrices in bf16 while it computes in fp32 (`store_bf16_`: half the weight memory;
-base-100m's compiled batch-1 decode 1.47x faster, `benchmarks/bench_bf16_storage.py`).
+base-100m's compiled decode 1.31-1.47x faster at batch 1, `benchmarks/bench_bf16_storage.py`).
 
 `enable()` builds them and hands them to the model (model.CPU_ROWS_KERNEL and CPU_ROWS_LINEAR); the engine calls it
 for fp32 CPU models and swaps their nn.Linear modules for `RowsLinear` (`use_for_linears_`). Built with
