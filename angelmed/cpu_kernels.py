@@ -145,7 +145,7 @@ def store_bf16_(model: nn.Module) -> int:
     layers' weights, the output head's among them, and the routed experts; embeddings, norms, router and biases stay
     fp32. Where the kernel runs the outputs equal the fp32 model's bit for bit. A model with some other value (an
     fp32-trained one) or without the kernel is left as it is. Returns the bytes saved."""
-    if not enable():
+    if M.CPU_HAS_AMX or not enable():  # with AMX, bf16 runs natively (and its dense expert path wants bf16 inputs)
         return 0
     use_for_linears_(model)  # an nn.Linear could not multiply fp32 inputs by a bf16 weight
     mats = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}

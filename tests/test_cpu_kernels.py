@@ -200,7 +200,7 @@ def test_bf16_weights_give_the_products_of_their_fp32_values(kernel):
         kernel(x, idx, w, weights[0], weights[1].float(), weights[2])
 
 
-def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(kernel):
+def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(kernel, monkeypatch):
     """A model whose values are all bf16 (a bf16 checkpoint loaded in fp32) keeps its linear weights, head and
     experts in bf16, everything else in fp32, and gives the fp32 model's outputs bit for bit: prefill logits (wide
     products on a widened copy) and an engine's greedy tokens and log-probs (few rows on the kernel). A model with
@@ -211,6 +211,7 @@ def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(ke
 
     from angelmed.infer.engine import Engine, GenerationRequest
 
+    monkeypatch.setattr(M, "CPU_HAS_AMX", False)  # a CPU that only emulates bf16 (with AMX it runs natively)
     ref = tiny_model().bfloat16().float()
     model = copy.deepcopy(ref)
     mats = [model.head_weight] + [p for n, p in model.named_parameters() if ".experts." in n or
@@ -222,7 +223,8 @@ def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(ke
     ids = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(23))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
-    reqs = lambda: [GenerationRequest(p, max_tokens=6, stop_ids=[], logprobs=True) for p in prompts(3, seed=24)]  # noqa: E731
+    ps = prompts(3, seed=24)
+    reqs = lambda: [GenerationRequest(p, max_tokens=6, stop_ids=[], logprobs=True) for p in ps]  # noqa: E731
     want, got = (Engine(m, max_batch=3, max_seq_len=48).generate(reqs()) for m in (ref, model))
     assert [(r.token_ids, r.logprobs) for r in got] == [(r.token_ids, r.logprobs) for r in want]
     assert got[0].logprobs is not None

@@ -144,11 +144,11 @@ def test_serve_and_eval_load_an_emulated_bf16_checkpoint_in_fp32(bf16_checkpoint
     """fp32 arithmetic with the matrices still stored in bf16 (cpu_kernels.store_bf16_), giving the tokens of the
     checkpoint loaded wholly in fp32; a dtype the user names is kept whole."""
     from angelmed.infer.backends import local_loglik_backend
-    from angelmed.infer.engine import GenerationRequest
     from angelmed.serve.cli import build_engine
     from angelmed.tokenizer import Tokenizer
 
     monkeypatch.setattr(cpu_pack, "native_gemm", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(M, "CPU_HAS_AMX", False)
     tok = Tokenizer.train(["chest pain with sweating", "call an ambulance"], 300)
     tok.save(bf16_checkpoint)
     req = lambda: [GenerationRequest([5, 9, 14, 2], max_tokens=6, stop_ids=[])]  # noqa: E731
