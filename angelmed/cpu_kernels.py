@@ -138,25 +138,33 @@ def use_for_linears_(model: nn.Module) -> int:
 
 
 def store_bf16_(model: nn.Module) -> int:
-    """In place, for inference: when every matrix of an fp32 CPU model holds bf16 values (a bf16 checkpoint loaded in
-    fp32), the matrices go back to bf16 storage, half the memory and half the bytes a decode step streams, while the
-    arithmetic stays fp32: the kernel widens each weight as it loads it (exactly: a bf16 is the top half of an fp32),
-    and products of more rows (prefill) multiply a widened copy (model.widened). Matrices are the linear
-    layers' weights, the output head's among them, and the routed experts; embeddings, norms, router and biases stay
-    fp32. Where the kernel runs the outputs equal the fp32 model's bit for bit. A model with some other value (an
-    fp32-trained one) or without the kernel is left as it is. Returns the bytes saved."""
-    if M.CPU_HAS_AMX or not enable():  # with AMX, bf16 runs natively (and its dense expert path wants bf16 inputs)
+    """In place, for inference on CPU: fp32 arithmetic with the matrices stored in bf16, half the memory of fp32
+    weights and half the bytes a decode step streams. The kernel widens each weight as it loads it (exactly: a bf16
+    is the top half of an fp32), and products of more rows (prefill) multiply a widened copy (model.widened).
+    Matrices are the linear layers' weights, the output head's among them, and the routed experts; embeddings, norms,
+    router and biases are fp32. Takes a bf16 model (a bf16 checkpoint loaded as stored: the rest is widened) or an
+    fp32 one whose matrices all hold bf16 values (narrowed); the outputs equal those of the fp32 weights, bit for bit
+    where the kernel runs. Any other model (an fp32-trained one), a CPU with AMX (bf16 runs natively, and its dense
+    expert path wants bf16 inputs), or no kernel: left as it is. Returns the bytes saved against fp32 weights."""
+    if M.CPU_HAS_AMX or not enable():
         return 0
     use_for_linears_(model)  # an nn.Linear could not multiply fp32 inputs by a bf16 weight
     mats = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
     for m in model.modules():
         if isinstance(m, M.Experts):
             mats.update({id(p): p for p in (m.gate_proj, m.up_proj, m.down_proj)})
-    if not mats or not all(p.dtype == torch.float32 and p.device.type == "cpu" and _holds_bf16(p)
-                           for p in mats.values()):
+    if not mats or any(p.device.type != "cpu" for p in mats.values()):
         return 0
-    for p in mats.values():
-        p.data = p.data.bfloat16()
+    dtypes = {p.dtype for p in mats.values()}
+    if dtypes == {torch.bfloat16}:  # loaded as stored: everything else to fp32
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) not in mats and t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+    elif dtypes == {torch.float32} and all(_holds_bf16(p) for p in mats.values()):
+        for p in mats.values():
+            p.data = p.data.bfloat16()
+    else:
+        return 0
     return sum(2 * p.numel() for p in mats.values())
 
 

@@ -204,7 +204,8 @@ def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(ke
     """A model whose values are all bf16 (a bf16 checkpoint loaded in fp32) keeps its linear weights, head and
     experts in bf16, everything else in fp32, and gives the fp32 model's outputs bit for bit: prefill logits (wide
     products on a widened copy) and an engine's greedy tokens and log-probs (few rows on the kernel). A model with
-    one value bf16 cannot hold is left alone. Compiled, a bf16 weight's one-row product runs the kernel as well."""
+    one value bf16 cannot hold is left alone. A bf16 model becomes the same. Compiled, a bf16 weight's one-row
+    product runs the kernel as well."""
     import copy
 
     from test_engine import prompts, tiny_model
@@ -228,6 +229,13 @@ def test_store_bf16_keeps_a_bf16_checkpoints_matrices_in_bf16_and_its_outputs(ke
     want, got = (Engine(m, max_batch=3, max_seq_len=48).generate(reqs()) for m in (ref, model))
     assert [(r.token_ids, r.logprobs) for r in got] == [(r.token_ids, r.logprobs) for r in want]
     assert got[0].logprobs is not None
+
+    as_stored = tiny_model().bfloat16()  # a bf16 model (loaded as stored): the rest widens, the same outputs
+    as_stored.inv_freq = ref.inv_freq.clone()  # (load_model computes it in fp32)
+    assert cpu_kernels.store_bf16_(as_stored) == 2 * sum(p.numel() for p in mats)
+    assert {n for n, p in as_stored.named_parameters() if p.dtype == torch.bfloat16} == bf16
+    with torch.no_grad():
+        assert torch.equal(as_stored(ids).logits, ref(ids).logits)
 
     lin = model.model.layers[0].attention.dense  # compiled: one row runs the kernel too, 12 rows a widened copy
     graphs = []

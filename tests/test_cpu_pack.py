@@ -128,14 +128,20 @@ def bf16_checkpoint(tmp_path):
 
 
 def test_bf16_checkpoint_runs_in_fp32_on_a_cpu_that_only_emulates_bf16(bf16_checkpoint, monkeypatch, caplog):
+    """Loaded as stored, for fp32 arithmetic on bf16 matrices (`bf16_storage_`); without that, loaded in fp32."""
     monkeypatch.setattr(cpu_pack, "native_gemm", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(M, "CPU_HAS_AMX", False)
     with caplog.at_level("WARNING"):
-        assert cpu_pack.inference_dtype(bf16_checkpoint) == torch.float32
+        assert cpu_pack.inference_dtype(bf16_checkpoint) == torch.bfloat16
+    assert "multiply in float32" in caplog.text and "--dtype float32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert cpu_pack.inference_dtype(bf16_checkpoint, bf16_storage=False) == torch.float32
     assert "running in float32" in caplog.text and "--dtype bfloat16" in caplog.text
     assert cpu_pack.inference_dtype(bf16_checkpoint, "bfloat16") == torch.bfloat16  # a dtype named is kept
     assert cpu_pack.inference_dtype(bf16_checkpoint, device="meta") == torch.bfloat16  # not a CPU
     monkeypatch.setattr(cpu_pack, "memory_bytes", lambda: 1 << 20)  # fp32 weights would not fit: bf16, slow
-    assert cpu_pack.inference_dtype(bf16_checkpoint) == torch.bfloat16
+    assert cpu_pack.inference_dtype(bf16_checkpoint, bf16_storage=False) == torch.bfloat16
     monkeypatch.setattr(cpu_pack, "native_gemm", lambda dtype: True)  # native bf16: the checkpoint's own
     assert cpu_pack.inference_dtype(bf16_checkpoint) == torch.bfloat16
 

@@ -2,9 +2,10 @@
 
 Not every CPU multiplies bf16 natively. Without AVX512 or AMX (AVX2-only x86: most laptops, many EPYC servers),
 oneDNN emulates it, and a bf16 GEMM runs 2.1x (1 row), 5.5x (16 rows) and 8.8x (512 rows) slower than fp32
-(512x1536 weight, one thread of an AVX2 AMD EPYC). `inference_dtype` therefore runs a bf16 or fp16 checkpoint in
-fp32 on such a CPU when the user names no dtype and the fp32 weights fit in memory; `bf16_storage_` then puts the
-matrices back in bf16, which the few-rows kernel (angelmed/cpu_kernels.py) widens to fp32 as it reads them.
+(512x1536 weight, one thread of an AVX2 AMD EPYC). On such a CPU, when the user names no dtype, a bf16 checkpoint
+loads as stored and `bf16_storage_` runs it with fp32 arithmetic, its matrices still bf16 (the few-rows kernel,
+angelmed/cpu_kernels.py, widens them to fp32 as it reads them); without that kernel, or for fp16, `inference_dtype`
+loads it in fp32 when the fp32 weights fit in memory.
 
 oneDNN multiplies bf16 in a blocked weight layout. Handed a plain [N, K] weight, it reorders it on every call, so a
 GEMM of a few rows reads and writes the weight once more than it needs: a weight packed ahead streams 1.7-1.8x as
@@ -52,11 +53,13 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
-                    ) -> torch.dtype:
-    """The dtype to run checkpoint `model_dir` in: `dtype` when given, else the checkpoint's own, except half
-    precision on a CPU without native GEMMs for it, where fp32 runs several times faster (module docstring). The
-    fp32 copy doubles the weights' memory: it is chosen only while it fits in 80% of this machine's RAM."""
+def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+                    bf16_storage: bool = True) -> torch.dtype:
+    """The dtype to load checkpoint `model_dir` in: `dtype` when given, else the checkpoint's own, except half
+    precision on a CPU without native GEMMs for it, where fp32 runs several times faster (module docstring). A bf16
+    checkpoint there loads as stored when `bf16_storage` and the few-rows kernel builds: `bf16_storage_` then runs it
+    with fp32 arithmetic on bf16 matrices. Otherwise the fp32 copy doubles the weights' memory: it is chosen only
+    while it fits in 80% of this machine's RAM."""
     from angelmed.checkpoint import _dtype, checkpoint_bytes
     from angelmed.config import ModelConfig
 
@@ -67,6 +70,12 @@ def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: s
     if torch.device(device).type != "cpu" or native_gemm(stored):
         return stored
     name = str(stored).removeprefix("torch.")
+    if bf16_storage and stored == torch.bfloat16 and not cfg.quantization_config and _bf16_storage_available():
+        log.warning("%s: stored in bfloat16, which this CPU multiplies only by emulation (no AVX512/AMX): its "
+                    "matrices stay bfloat16 (%.1f GB) and multiply in float32, several times faster here "
+                    "(--dtype bfloat16 keeps bfloat16 arithmetic, --dtype float32 float32 weights)",
+                    model_dir, checkpoint_bytes(cfg, dtype_bytes=2) / 1e9)
+        return stored
     fp32 = checkpoint_bytes(cfg, dtype_bytes=4)
     if fp32 > 0.8 * memory_bytes():
         log.warning("%s: stored in %s, which this CPU multiplies only by emulation (several times slower than "
@@ -74,27 +83,31 @@ def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: s
                     model_dir, name, fp32 / 1e9, name)
         return stored
     log.warning("%s: stored in %s, which this CPU multiplies only by emulation (no AVX512/AMX): running in float32, "
-                "several times faster here; loading takes %.1f GB instead of %.1f, and the matrices return to %s "
-                "storage where the few-rows kernel builds (`bf16_storage_`; --dtype %s keeps %s throughout)",
-                model_dir, name, fp32 / 1e9, checkpoint_bytes(cfg, dtype_bytes=stored.itemsize) / 1e9, name, name,
-                name)
+                "several times faster here, at %.1f GB of weights instead of %.1f (--dtype %s keeps %s)",
+                model_dir, name, fp32 / 1e9, checkpoint_bytes(cfg, dtype_bytes=stored.itemsize) / 1e9, name, name)
     return torch.float32
 
 
+def _bf16_storage_available() -> bool:
+    import angelmed.model as M
+    from angelmed import cpu_kernels
+
+    return not M.CPU_HAS_AMX and cpu_kernels.enable()
+
+
 def bf16_storage_(model: nn.Module, dtype: str | torch.dtype | None) -> int:
-    """After `inference_dtype(model_dir, dtype)` chose fp32 for a bf16 checkpoint (no dtype asked for): its matrices
-    go back to bf16 storage, multiplied in fp32 by the few-rows kernel (cpu_kernels.store_bf16_: half the weight
-    memory and the bytes a decode step reads, outputs unchanged). A dtype the user named is kept whole. Returns
-    the bytes saved."""
+    """A bf16 checkpoint loaded with `inference_dtype(model_dir, dtype)` and no dtype asked for, on a CPU that only
+    emulates bf16: fp32 arithmetic with the matrices stored in bf16 (cpu_kernels.store_bf16_: half the weight memory
+    of fp32 and the bytes a decode step reads, outputs those of fp32 weights). A dtype the user named is kept whole.
+    Returns the bytes saved against fp32."""
     p = next(model.parameters())
-    if dtype is not None or p.device.type != "cpu" or p.dtype != torch.float32 or native_gemm(torch.bfloat16):
+    if dtype is not None or p.device.type != "cpu" or native_gemm(torch.bfloat16):
         return 0
     from angelmed import cpu_kernels
 
     saved = cpu_kernels.store_bf16_(model)
     if saved:
-        log.info("matrices kept in bfloat16 (%.2f GB less than float32), multiplied in float32 by the few-rows "
-                 "kernel", saved / 1e9)
+        log.info("matrices kept in bfloat16 (%.2f GB less than float32), float32 arithmetic", saved / 1e9)
     return saved
 
 

@@ -171,8 +171,12 @@ def make_drafter(model, draft: str | None, dtype: str | None = None, device: str
         w = model.model.word_embeddings.weight
         return Eagle3Drafter(model, load_draft(d, model.config, dtype=w.dtype, device=w.device))
     from angelmed.checkpoint import load_model
+    from angelmed.infer.cpu_pack import bf16_storage_
 
-    return MTPDrafter.for_checkpoint(load_model(d, dtype=dtype, device=device), d)
+    drafter = load_model(d, dtype=dtype, device=device)
+    if drafter.model.word_embeddings.weight.dtype != model.model.word_embeddings.weight.dtype:
+        bf16_storage_(drafter, None)  # the target runs bf16 matrices with fp32 arithmetic: so does its drafter
+    return MTPDrafter.for_checkpoint(drafter, d)
 
 
 def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = None, dtype: str | None = None,
@@ -192,14 +196,16 @@ def build_engine(model_dir: str, max_batch: int = 16, max_seq_len: int | None = 
         raise ValueError("--quantize int8 and --fp8 resident are two ways to hold the weights: choose one")
     from angelmed.infer.cpu_pack import bf16_storage_, inference_dtype
 
-    asked, dtype = dtype, inference_dtype(model_dir, dtype, device)  # bf16 on a CPU that only emulates it: fp32
+    # bf16 on a CPU that only emulates it: fp32 arithmetic (on bf16 matrices, unless quantised some other way)
+    asked = dtype
+    dtype = inference_dtype(model_dir, dtype, device, bf16_storage=quantize is None and fp8 != "resident")
     if quantize == "int8":  # quantised tensor by tensor while streaming from disk
         from angelmed.infer.int8 import load_int8
 
         model = load_int8(model_dir, dtype=dtype, device=device)
     else:
         model = load_fp8(model_dir, mode=fp8, dtype=dtype, device=device)
-        bf16_storage_(model, asked)  # ... with its matrices still stored in bf16
+        bf16_storage_(model, asked)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     drafter = make_drafter(model, draft, dtype, device, model_dir)
     engine = Engine(model, tokenizer=tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
