@@ -137,6 +137,11 @@ def use_for_linears_(model: nn.Module) -> int:
     return swapped
 
 
+def bf16_storage_available() -> bool:
+    """Whether `store_bf16_` can run here: the kernel builds, and bf16 is not native (AMX)."""
+    return not M.CPU_HAS_AMX and enable()
+
+
 def store_bf16_(model: nn.Module) -> int:
     """In place, for inference on CPU: fp32 arithmetic with the matrices stored in bf16, half the memory of fp32
     weights and half the bytes a decode step streams. The kernel widens each weight as it loads it (exactly: a bf16
@@ -146,7 +151,7 @@ def store_bf16_(model: nn.Module) -> int:
     fp32 one whose matrices all hold bf16 values (narrowed); the outputs equal those of the fp32 weights, bit for bit
     where the kernel runs. Any other model (an fp32-trained one), a CPU with AMX (bf16 runs natively, and its dense
     expert path wants bf16 inputs), or no kernel: left as it is. Returns the bytes saved against fp32 weights."""
-    if M.CPU_HAS_AMX or not enable():
+    if not bf16_storage_available():
         return 0
     use_for_linears_(model)  # an nn.Linear could not multiply fp32 inputs by a bf16 weight
     mats = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}

@@ -7,7 +7,7 @@ few-rows kernel widens to fp32 as it reads them (what `serve` and `eval` do). Bo
 a preset's random weights rounded to bf16. Speed: the serving engine, greedy, `--new-tokens` after a
 `--prompt-len` prompt per row at each batch size; the two engines alternate, best of `--reps` each.
 
-    python benchmarks/bench_bf16_storage.py [--presets small base-100m] [--batches 1 4 16] [--no-compile]
+    python benchmarks/bench_bf16_storage.py [--presets small base-100m] [--batches 1 16] [--no-compile]
 
 Last line: one JSON object.
 """
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from _common import setup
+from _common import add_decode_workload_args, setup
 from angelmed import cpu_kernels
 from angelmed.config import get_preset
 from angelmed.infer.engine import Engine, GenerationRequest
@@ -46,11 +46,7 @@ def alternate(models: dict, prompts, new_tokens: int, reps: int, compile: bool) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["small", "base-100m"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    add_decode_workload_args(ap, reps=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true", help="eager engines only")
     args = ap.parse_args()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from angelmed.cpu_kernels import RowsLinear
+from angelmed.cpu_kernels import RowsLinear, bf16_storage_available, store_bf16_
 from angelmed.model import Experts, Packed, Transformer
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: s
     if torch.device(device).type != "cpu" or native_gemm(stored):
         return stored
     name = str(stored).removeprefix("torch.")
-    if bf16_storage and stored == torch.bfloat16 and not cfg.quantization_config and _bf16_storage_available():
+    if bf16_storage and stored == torch.bfloat16 and not cfg.quantization_config and bf16_storage_available():
         log.warning("%s: stored in bfloat16, which this CPU multiplies only by emulation (no AVX512/AMX): its "
                     "matrices stay bfloat16 (%.1f GB) and multiply in float32, several times faster here "
                     "(--dtype bfloat16 keeps bfloat16 arithmetic, --dtype float32 float32 weights)",
@@ -88,13 +88,6 @@ def inference_dtype(model_dir, dtype: str | torch.dtype | None = None, device: s
     return torch.float32
 
 
-def _bf16_storage_available() -> bool:
-    import angelmed.model as M
-    from angelmed import cpu_kernels
-
-    return not M.CPU_HAS_AMX and cpu_kernels.enable()
-
-
 def bf16_storage_(model: nn.Module, dtype: str | torch.dtype | None) -> int:
     """A bf16 checkpoint loaded with `inference_dtype(model_dir, dtype)` and no dtype asked for, on a CPU that only
     emulates bf16: fp32 arithmetic with the matrices stored in bf16 (cpu_kernels.store_bf16_: half the weight memory
@@ -103,9 +96,7 @@ def bf16_storage_(model: nn.Module, dtype: str | torch.dtype | None) -> int:
     p = next(model.parameters())
     if dtype is not None or p.device.type != "cpu" or native_gemm(torch.bfloat16):
         return 0
-    from angelmed import cpu_kernels
-
-    saved = cpu_kernels.store_bf16_(model)
+    saved = store_bf16_(model)
     if saved:
         log.info("matrices kept in bfloat16 (%.2f GB less than float32), float32 arithmetic", saved / 1e9)
     return saved
